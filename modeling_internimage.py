@@ -1,0 +1,510 @@
+"""PyTorch InternImage: large-scale vision foundation models with deformable convolutions (DCNv3).
+
+Paper: "InternImage: Exploring Large-Scale Vision Foundation Models with Deformable Convolutions" (CVPR 2023).
+All blocks work on channels-last (batch, height, width, channels) tensors; the outputs are channels-first.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPoolingAndNoAttention,
+    ImageClassifierOutputWithNoAttention,
+)
+from transformers.modeling_utils import PreTrainedModel
+from transformers.utils import logging
+
+try:
+    from .configuration_internimage import InternImageConfig
+    from .dcnv3_ops import dcnv3_core, dcnv3_core_pytorch, resolve_dcn_backend
+except ImportError:
+    from configuration_internimage import InternImageConfig
+    from dcnv3_ops import dcnv3_core, dcnv3_core_pytorch, resolve_dcn_backend
+
+logger = logging.get_logger(__name__)
+
+
+def _to_channels_first(hidden_states: torch.Tensor) -> torch.Tensor:
+    return hidden_states.permute(0, 3, 1, 2)
+
+
+def _to_channels_last(hidden_states: torch.Tensor) -> torch.Tensor:
+    return hidden_states.permute(0, 2, 3, 1)
+
+
+class InternImageDropPath(nn.Module):
+    """Stochastic depth per sample on the residual branch; identity in eval mode or with rate 0."""
+
+    def __init__(self, drop_prob: float = 0.0) -> None:
+        super().__init__()
+        self.drop_prob = drop_prob
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return hidden_states
+        keep_prob = 1 - self.drop_prob
+        shape = (hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)
+        keep = hidden_states.new_empty(shape).bernoulli_(keep_prob)
+        return hidden_states * keep / keep_prob
+
+    def extra_repr(self) -> str:
+        return f"p={self.drop_prob}"
+
+
+class InternImageStem(nn.Module):
+    """Two stride-2 3x3 convolutions with LayerNorms: (B, 3, H, W) -> (B, H/4, W/4, C) channels-last."""
+
+    def __init__(self, config: InternImageConfig) -> None:
+        super().__init__()
+        half = config.channels // 2
+        self.conv1 = nn.Conv2d(config.num_channels, half, kernel_size=3, stride=2, padding=1)
+        self.norm1 = nn.LayerNorm(half, eps=config.layer_norm_eps)
+        self.act = ACT2FN[config.hidden_act]
+        self.conv2 = nn.Conv2d(half, config.channels, kernel_size=3, stride=2, padding=1)
+        self.norm2 = nn.LayerNorm(config.channels, eps=config.layer_norm_eps)
+        self.num_channels = config.num_channels
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.num_channels:
+            raise ValueError(
+                f"pixel_values must be (batch, {self.num_channels}, height, width), got {tuple(pixel_values.shape)};"
+                " make sure the channel dimension of the pixel values matches `num_channels` in the configuration"
+            )
+        hidden_states = self.norm1(_to_channels_last(self.conv1(pixel_values)))
+        hidden_states = self.act(_to_channels_first(hidden_states))
+        return self.norm2(_to_channels_last(self.conv2(hidden_states)))
+
+
+class InternImageDownsample(nn.Module):
+    """Stride-2 3x3 convolution doubling the width, then LayerNorm: (B, H, W, C) -> (B, H/2, W/2, 2C)."""
+
+    def __init__(self, config: InternImageConfig, channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(channels, 2 * channels, kernel_size=3, stride=2, padding=1, bias=False)
+        self.norm = nn.LayerNorm(2 * channels, eps=config.layer_norm_eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.norm(_to_channels_last(self.conv(_to_channels_first(hidden_states))))
+
+
+class InternImageDCNv3(nn.Module):
+    """DCNv3: deformable convolution with shared projection weights and softmax-normalised modulation.
+
+    Offsets and masks are predicted from a depth-wise convolution of the input; the values are sampled from the
+    input projection. (B, H, W, C) -> (B, H, W, C).
+    """
+
+    def __init__(self, config: InternImageConfig, channels: int, groups: int) -> None:
+        super().__init__()
+        self.channels = channels
+        self.groups = groups
+        self.group_channels = channels // groups
+        self.kernel_size = config.dcn_kernel_size
+        self.offset_scale = config.offset_scale
+        self.remove_center = int(config.remove_center)
+        self.num_points = self.kernel_size**2 - self.remove_center
+        self.backend = config.dcn_backend
+
+        self.input_proj = nn.Linear(channels, channels)
+        self.dw_conv = nn.Conv2d(
+            channels, channels, config.dw_kernel_size, padding=(config.dw_kernel_size - 1) // 2, groups=channels
+        )
+        self.dw_norm = nn.LayerNorm(channels, eps=config.layer_norm_eps)
+        self.dw_act = ACT2FN[config.hidden_act]
+        self.offset = nn.Linear(channels, groups * self.num_points * 2)
+        self.mask = nn.Linear(channels, groups * self.num_points)
+        self.output_proj = nn.Linear(channels, channels)
+        self.center_feature_scale_proj = nn.Linear(channels, groups) if config.center_feature_scale else None
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        batch, height, width, _ = hidden_states.shape
+        values = self.input_proj(hidden_states)
+        features = _to_channels_last(self.dw_conv(_to_channels_first(hidden_states)))
+        features = self.dw_act(self.dw_norm(features))
+        offset = self.offset(features)
+        mask = self.mask(features).view(batch, height, width, self.groups, self.num_points).softmax(-1)
+        mask = mask.view(batch, height, width, -1).to(values.dtype)
+        pad = (self.kernel_size - 1) // 2
+        output = dcnv3_core(
+            values, offset, mask, self.kernel_size, self.kernel_size, 1, 1, pad, pad, 1, 1,
+            self.groups, self.group_channels, self.offset_scale, self.remove_center, backend=self.backend,
+        )
+        if self.center_feature_scale_proj is not None:
+            scale = self.center_feature_scale_proj(features).sigmoid()
+            scale = scale.repeat_interleave(self.group_channels, dim=-1)
+            output = output * (1 - scale) + values * scale
+        return self.output_proj(output)
+
+
+class InternImageMLP(nn.Module):
+    """Two-layer feed-forward network on channels-last tensors."""
+
+    def __init__(self, config: InternImageConfig, channels: int) -> None:
+        super().__init__()
+        hidden = int(channels * config.mlp_ratio)
+        self.fc1 = nn.Linear(channels, hidden)
+        self.act = ACT2FN[config.hidden_act]
+        self.fc2 = nn.Linear(hidden, channels)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self.dropout(self.act(self.fc1(hidden_states)))
+        return self.dropout(self.fc2(hidden_states))
+
+
+class InternImageLayer(GradientCheckpointingLayer):
+    """One InternImage block: a DCNv3 branch and an MLP branch, each residual.
+
+    Normalisation placement follows the config: pre-norm (`x + f(norm(x))`), post-norm (`x + norm(f(x))`) or
+    res-post-norm (`x + norm'(f(norm(x)))`), with optional per-channel layer scales on the branches.
+    """
+
+    def __init__(self, config: InternImageConfig, channels: int, groups: int, drop_path: float) -> None:
+        super().__init__()
+        self.post_norm = config.post_norm
+        self.norm1 = nn.LayerNorm(channels, eps=config.layer_norm_eps)
+        self.dcn = InternImageDCNv3(config, channels, groups)
+        self.norm2 = nn.LayerNorm(channels, eps=config.layer_norm_eps)
+        self.mlp = InternImageMLP(config, channels)
+        self.drop_path = InternImageDropPath(drop_path)
+        if config.layer_scale_init_value is not None:
+            self.layer_scale1 = nn.Parameter(torch.full((channels,), float(config.layer_scale_init_value)))
+            self.layer_scale2 = nn.Parameter(torch.full((channels,), float(config.layer_scale_init_value)))
+        else:
+            self.layer_scale1 = self.layer_scale2 = None
+        if config.res_post_norm:
+            self.res_post_norm1 = nn.LayerNorm(channels, eps=config.layer_norm_eps)
+            self.res_post_norm2 = nn.LayerNorm(channels, eps=config.layer_norm_eps)
+        else:
+            self.res_post_norm1 = self.res_post_norm2 = None
+
+    def _residual(
+        self,
+        hidden_states: torch.Tensor,
+        branch: nn.Module,
+        norm: nn.Module,
+        res_post_norm: nn.Module | None,
+        layer_scale: torch.Tensor | None,
+    ) -> torch.Tensor:
+        if self.post_norm:
+            update = norm(branch(hidden_states))
+        else:
+            update = branch(norm(hidden_states))
+            if res_post_norm is not None:
+                update = res_post_norm(update)
+        if layer_scale is not None:
+            update = layer_scale * update
+        return hidden_states + self.drop_path(update)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        hidden_states = self._residual(hidden_states, self.dcn, self.norm1, self.res_post_norm1, self.layer_scale1)
+        return self._residual(hidden_states, self.mlp, self.norm2, self.res_post_norm2, self.layer_scale2)
+
+
+class InternImageStage(nn.Module):
+    """A stage: blocks, optional extra norms after given blocks, a final norm, then the downsampling.
+
+    `forward` returns the stage output (before downsampling) and the input of the next stage, channels-last.
+    """
+
+    def __init__(
+        self,
+        config: InternImageConfig,
+        channels: int,
+        depth: int,
+        groups: int,
+        drop_path_rates: list[float],
+        post_norm_block_ids: list[int] | None,
+        downsample: bool,
+    ) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(
+            [InternImageLayer(config, channels, groups, drop_path_rates[i]) for i in range(depth)]
+        )
+        self.post_norm_block_ids = list(post_norm_block_ids or [])
+        self.post_norms = nn.ModuleList(
+            [nn.LayerNorm(channels, eps=config.layer_norm_eps) for _ in self.post_norm_block_ids]
+        )
+        has_norm = not config.post_norm or config.center_feature_scale
+        self.norm = nn.LayerNorm(channels, eps=config.layer_norm_eps) if has_norm else None
+        self.downsample = InternImageDownsample(config, channels) if downsample else None
+
+    def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        for index, layer in enumerate(self.layers):
+            hidden_states = layer(hidden_states)
+            if index in self.post_norm_block_ids:
+                hidden_states = self.post_norms[self.post_norm_block_ids.index(index)](hidden_states)
+        if self.norm is not None:
+            hidden_states = self.norm(hidden_states)
+        next_input = self.downsample(hidden_states) if self.downsample is not None else hidden_states
+        return hidden_states, next_input
+
+
+class InternImageEncoder(nn.Module):
+    """The stages; returns every stage output (channels-last, before downsampling)."""
+
+    def __init__(self, config: InternImageConfig) -> None:
+        super().__init__()
+        total = sum(config.depths)
+        if config.drop_path_type == "uniform":
+            rates = [config.drop_path_rate] * total
+        else:
+            rates = torch.linspace(0, config.drop_path_rate, total, device="cpu").tolist()
+        self.stages = nn.ModuleList()
+        start = 0
+        for index, (depth, groups, channels) in enumerate(zip(config.depths, config.groups, config.stage_channels)):
+            self.stages.append(
+                InternImageStage(
+                    config,
+                    channels,
+                    depth,
+                    groups,
+                    rates[start : start + depth],
+                    config.stage3_post_norm_block_ids if index == 2 else None,
+                    downsample=index < config.num_stages - 1,
+                )
+            )
+            start += depth
+
+    def forward(self, hidden_states: torch.Tensor) -> list[torch.Tensor]:
+        stage_outputs = []
+        for stage in self.stages:
+            stage_output, hidden_states = stage(hidden_states)
+            stage_outputs.append(stage_output)
+        return stage_outputs
+
+
+class InternImageConvPooler(nn.Module):
+    """1x1 convolution widening the last stage, BatchNorm, activation and global average pooling: (B, ratio*8C)."""
+
+    def __init__(self, config: InternImageConfig) -> None:
+        super().__init__()
+        channels = config.stage_channels[-1]
+        self.conv = nn.Conv2d(channels, config.pooler_output_size, kernel_size=1, bias=False)
+        self.norm = nn.BatchNorm2d(config.pooler_output_size, eps=config.batch_norm_eps)
+        self.act = ACT2FN[config.hidden_act]
+
+    def forward(self, stage_outputs: list[torch.Tensor]) -> torch.Tensor:
+        hidden_states = self.act(self.norm(self.conv(_to_channels_first(stage_outputs[-1]))))
+        return hidden_states.mean(dim=(2, 3))
+
+
+class InternImageAttentionPooling(nn.Module):
+    """Single-query cross-attention pooling: the mean token attends to all tokens (no residual, no MLP)."""
+
+    def __init__(self, config: InternImageConfig) -> None:
+        super().__init__()
+        dim = config.attention_pooler_hidden_size
+        self.num_heads = config.attention_pooler_num_heads
+        self.scale = (dim // self.num_heads) ** -0.5
+        self.norm_query = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.norm_key = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.norm_value = nn.LayerNorm(dim, eps=config.layer_norm_eps)
+        self.query = nn.Linear(dim, dim)
+        self.key = nn.Linear(dim, dim)
+        self.value = nn.Linear(dim, dim)
+        self.output_proj = nn.Linear(dim, config.attention_pooler_output_size)
+
+    def _split_heads(self, tokens: torch.Tensor) -> torch.Tensor:
+        batch, length, dim = tokens.shape
+        return tokens.view(batch, length, self.num_heads, dim // self.num_heads).transpose(1, 2)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, N, D) tokens -> (B, output_size)."""
+        query = self._split_heads(self.query(self.norm_query(tokens.mean(dim=1, keepdim=True))))
+        key = self._split_heads(self.key(self.norm_key(tokens)))
+        value = self._split_heads(self.value(self.norm_value(tokens)))
+        attention = ((query * self.scale) @ key.transpose(-2, -1)).softmax(dim=-1)
+        pooled = (attention @ value).transpose(1, 2).flatten(1)
+        return self.output_proj(pooled)
+
+
+class InternImageAttentionPooler(nn.Module):
+    """H/G pooler ("CLIP projector"): the last stage upsampled by pixel shuffle plus the third stage, as tokens,
+    attention-pooled and normalised: (B, attention_pooler_output_size)."""
+
+    def __init__(self, config: InternImageConfig) -> None:
+        super().__init__()
+        dim = config.attention_pooler_hidden_size
+        last, third = config.stage_channels[-1], config.stage_channels[-2]
+        self.upsample_proj = nn.Conv2d(last, dim * 4, kernel_size=1)
+        self.pixel_shuffle = nn.PixelShuffle(2)
+        self.lateral_proj = nn.Conv2d(third, dim, kernel_size=1)
+        self.attention = InternImageAttentionPooling(config)
+        self.norm = nn.LayerNorm(config.attention_pooler_output_size, eps=config.layer_norm_eps)
+
+    def forward(self, stage_outputs: list[torch.Tensor]) -> torch.Tensor:
+        third, last = _to_channels_first(stage_outputs[-2]), _to_channels_first(stage_outputs[-1])
+        upsampled = self.pixel_shuffle(self.upsample_proj(last))
+        if upsampled.shape[-2:] != third.shape[-2:]:
+            raise ValueError(
+                f"The attention pooler adds the last stage upsampled 2x {tuple(upsampled.shape[-2:])} to the third"
+                f" stage {tuple(third.shape[-2:])}; these differ for this input size. Use an image height and width"
+                " that are multiples of 32."
+            )
+        tokens = (upsampled + self.lateral_proj(third)).flatten(2).transpose(1, 2)
+        return self.norm(self.attention(tokens))
+
+
+class InternImagePreTrainedModel(PreTrainedModel):
+    """Weight initialisation (the official one) and loading conventions shared by the InternImage models."""
+
+    config_class = InternImageConfig
+    base_model_prefix = "internimage"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["InternImageLayer", "InternImageStem", "InternImageDownsample"]
+    _supports_sdpa = False
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        """Linear: truncated normal, LayerNorm: (1, 0), convolutions and BatchNorm: PyTorch defaults, DCNv3:
+        zero offsets/masks and Xavier projections, layer scales: `layer_scale_init_value`."""
+        if isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=self.config.initializer_range)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.Conv2d):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                fan_in = module.weight[0].numel()
+                init.uniform_(module.bias, -1 / math.sqrt(fan_in), 1 / math.sqrt(fan_in))
+        elif isinstance(module, nn.BatchNorm2d):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            init.zeros_(module.running_mean)
+            init.ones_(module.running_var)
+            init.zeros_(module.num_batches_tracked)
+        elif isinstance(module, InternImageDCNv3):
+            for linear in (module.offset, module.mask):
+                init.zeros_(linear.weight)
+                init.zeros_(linear.bias)
+            for linear in (module.input_proj, module.output_proj):
+                init.xavier_uniform_(linear.weight)
+                init.zeros_(linear.bias)
+            if module.center_feature_scale_proj is not None:
+                init.zeros_(module.center_feature_scale_proj.weight)
+                init.zeros_(module.center_feature_scale_proj.bias)
+        elif isinstance(module, InternImageLayer) and module.layer_scale1 is not None:
+            init.constant_(module.layer_scale1, self.config.layer_scale_init_value)
+            init.constant_(module.layer_scale2, self.config.layer_scale_init_value)
+
+
+class InternImageModel(InternImagePreTrainedModel):
+    """InternImage trunk: stem, four stages and (unless `pooler_type` is `None`) the pooler.
+
+    Outputs: `last_hidden_state` (B, 8C, H/32, W/32), `pooler_output` (B, pooler_output_size) or `None`, and
+    `hidden_states`, the four stage maps (B, C*2^i, H/2^(i+2), W/2^(i+2)) after each stage's norm and before
+    downsampling. `hidden_states` are returned unless `output_hidden_states=False`.
+    """
+
+    def __init__(self, config: InternImageConfig) -> None:
+        super().__init__(config)
+        self.embeddings = InternImageStem(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.encoder = InternImageEncoder(config)
+        if config.pooler_type == "conv":
+            self.pooler = InternImageConvPooler(config)
+        elif config.pooler_type == "attention":
+            self.pooler = InternImageAttentionPooler(config)
+        else:
+            self.pooler = None
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BaseModelOutputWithPoolingAndNoAttention | tuple:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+            Normalised images (see `CLIPImageProcessor`).
+        """
+        if pixel_values is None:
+            raise ValueError("You have to specify pixel_values")
+        output_hidden_states = True if output_hidden_states is None else output_hidden_states
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+
+        stage_outputs = self.encoder(self.dropout(self.embeddings(pixel_values)))
+        pooled_output = self.pooler(stage_outputs) if self.pooler is not None else None
+        last_hidden_state = _to_channels_first(stage_outputs[-1])
+        hidden_states = tuple(_to_channels_first(h) for h in stage_outputs) if output_hidden_states else None
+
+        if not return_dict:
+            return tuple(v for v in (last_hidden_state, pooled_output, hidden_states) if v is not None)
+        return BaseModelOutputWithPoolingAndNoAttention(
+            last_hidden_state=last_hidden_state, pooler_output=pooled_output, hidden_states=hidden_states
+        )
+
+
+class InternImageForImageClassification(InternImagePreTrainedModel):
+    """InternImage with a linear classifier on the pooled features.
+
+    `loss` follows `config.problem_type` (single-label cross-entropy, multi-label BCE or regression MSE).
+    """
+
+    accepts_loss_kwargs = False
+
+    def __init__(self, config: InternImageConfig) -> None:
+        super().__init__(config)
+        if config.pooler_type is None:
+            raise ValueError(
+                "InternImageForImageClassification needs a pooler: set `pooler_type` to 'conv' or 'attention'"
+            )
+        self.num_labels = config.num_labels
+        self.internimage = InternImageModel(config)
+        if config.num_labels > 0:
+            self.classifier = nn.Linear(config.pooler_output_size, config.num_labels)
+        else:
+            self.classifier = nn.Identity()
+        self.post_init()
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> ImageClassifierOutputWithNoAttention | tuple:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
+            Class indices in `[0, num_labels)` (cross-entropy), float targets for multi-label classification, or
+            regression targets when `num_labels == 1`.
+        """
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        outputs = self.internimage(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
+        logits = self.classifier(outputs.pooler_output)
+
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
+
+        if not return_dict:
+            output = (logits, outputs.hidden_states) if output_hidden_states else (logits,)
+            return ((loss,) + output) if loss is not None else output
+        return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
+
+
+__all__ = [
+    "InternImagePreTrainedModel",
+    "InternImageModel",
+    "InternImageForImageClassification",
+    "dcnv3_core",
+    "dcnv3_core_pytorch",
+    "resolve_dcn_backend",
+]
