@@ -58,6 +58,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 NUM_LABELS = {"imagenet-1k": 1000, "imagenet-22k": 21841}
 
+# The `auto_map` written into every saved config.json, so each Auto class loads the remote code.
+AUTO_MAP = {
+    "AutoConfig": "configuration_internimage.InternImageConfig",
+    "AutoModel": "modeling_internimage.InternImageModel",
+    "AutoModelForImageClassification": "modeling_internimage.InternImageForImageClassification",
+    "AutoBackbone": "modeling_internimage.InternImageBackbone",
+}
+
 
 class InternImageConfig(PretrainedConfig):
     r"""
@@ -248,4 +256,4 @@ class InternImageConfig(PretrainedConfig):
         return cls(**fields)
 
 
-__all__ = ["InternImageConfig", "VARIANTS"]
+__all__ = ["AUTO_MAP", "InternImageConfig", "VARIANTS"]
