@@ -37,8 +37,8 @@ def dcnv3_output_size(size: int, kernel: int, stride: int, pad: int, dilation: i
 
 
 def _kernel_taps(kernel: int, dilation: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """Offsets of the kernel taps along one axis, in pixels: `-(d * (k - 1)) // 2 + d * t`."""
-    return -(dilation * (kernel - 1)) // 2 + dilation * torch.arange(kernel, device=device, dtype=dtype)
+    """Offsets of the kernel taps along one axis, in pixels: `-((d * (k - 1)) // 2) + d * t` (as the official op)."""
+    return -((dilation * (kernel - 1)) // 2) + dilation * torch.arange(kernel, device=device, dtype=dtype)
 
 
 def _sampling_points(
@@ -137,9 +137,11 @@ def dcnv3_core_pytorch(
 def _cuda_extension_module():
     """The optional compiled extension (`pip install ./dcnv3_cuda`), or `None` if it is not installed."""
     try:
-        return importlib.import_module("dcnv3_cuda")
+        module = importlib.import_module("dcnv3_cuda")
     except ImportError:
         return None
+    # The repository's source folder `dcnv3_cuda/` imports as an empty namespace package when it is on sys.path.
+    return module if hasattr(module, "dcnv3_cuda") else None
 
 
 def _triton_runs_on(device: torch.device) -> bool:
