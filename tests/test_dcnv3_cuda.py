@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import stat
+import struct
+import subprocess
 import sys
 import types
 from pathlib import Path
@@ -242,6 +245,89 @@ def test_extension_registers_operators_with_fake_shapes():
     assert output.shape == (2, 3, 4, 8) and output.device.type == "meta"
     grads = torch.ops.dcnv3_cuda.backward(output, input, offset, mask, *hyper.values())
     assert [g.shape for g in grads] == [input.shape, offset.shape, mask.shape]
+
+
+# ------------------------------------------------------------------------------------- kernels emulated on the CPU
+
+EMULATION_DIR = ROOT / "dcnv3_cuda" / "emulation"
+KERNEL_SOURCE = ROOT / "dcnv3_cuda" / "csrc" / "dcnv3_cuda.cu"
+
+
+@pytest.fixture(scope="module")
+def host_emulation(tmp_path_factory) -> Path:
+    """The kernels' device code compiled for the host (see dcnv3_cuda/emulation/host_emulation.cpp)."""
+    compiler = shutil.which("g++")
+    if compiler is None:
+        pytest.skip("no g++ to compile the host emulation of the kernels")
+    build = tmp_path_factory.mktemp("host_emulation")
+    source = KERNEL_SOURCE.read_text()
+    begin, end = source.index("// BEGIN DEVICE CODE"), source.index("// END DEVICE CODE")
+    (build / "device_code.inc").write_text(source[begin:end])
+    binary = build / "host_emulation"
+    command = [compiler, "-std=c++20", "-O1", "-pthread", f"-I{build}", str(EMULATION_DIR / "host_emulation.cpp")]
+    compiled = subprocess.run([*command, "-o", str(binary)], capture_output=True, text=True)
+    if compiled.returncode != 0 and "barrier" in compiled.stderr:
+        pytest.skip("this g++ has no C++20 <barrier>")
+    assert compiled.returncode == 0, compiled.stderr
+    return binary
+
+
+def _emulate(binary: Path, case: dict, dtype: str, blocks: int, threads_per_block: int = 64) -> list[torch.Tensor]:
+    """Output and gradients of the kernels run by the host emulation, as float64 tensors shaped like the inputs."""
+    folder = binary.parent
+    batch, height, width, _ = case["input"].shape
+    _, height_out, width_out, _ = case["offset"].shape
+    header = [batch, height, width, height_out, width_out] + [case[name] for name in HYPER_PARAMETERS[8:10]]
+    header += [case[name] for name in HYPER_PARAMETERS[:8]] + [case["remove_center"], blocks, threads_per_block]
+    arrays = [case[name].double().contiguous() for name in ("input", "offset", "mask", "grad_weight")]
+    with open(folder / "in.bin", "wb") as stream:
+        stream.write(struct.pack("18q", *header) + struct.pack("d", case["offset_scale"]))
+        for array in arrays:
+            stream.write(array.numpy().tobytes())
+    subprocess.run([str(binary), str(folder / "in.bin"), str(folder / "out.bin"), dtype], check=True, timeout=300)
+    flat = torch.from_file(str(folder / "out.bin"), size=sum(a.numel() for a in arrays), dtype=torch.float64)
+    shapes = [arrays[3].shape, arrays[0].shape, arrays[1].shape, arrays[2].shape]
+    return [part.view(shape) for part, shape in zip(flat.split([s.numel() for s in shapes]), shapes)]
+
+
+@pytest.mark.parametrize("dtype", ["double", "float"])
+def test_emulated_kernels_match_the_official_fixtures(host_emulation, dtype):
+    output_atol, grad_atol = (1e-12, 1e-12) if dtype == "double" else (2e-5, 5e-5)
+    for path in _fixture_cases():
+        case = torch.load(path, weights_only=True)
+        results = _emulate(host_emulation, case, dtype, blocks=3)
+        for name, result in zip(("output", "grad_input", "grad_offset", "grad_mask"), results):
+            atol = output_atol if name == "output" else grad_atol
+            torch.testing.assert_close(result, case[f"{name}_f64ref"], atol=atol, rtol=0, msg=f"{path.stem} {name}")
+
+
+@pytest.mark.parametrize(
+    ("batch", "group", "group_channels", "kernel", "stride", "pad", "dilation", "offset_scale", "remove_center"),
+    [(3, 3, 5, 3, 2, 1, 2, 0.5, 1), (2, 2, 48, 4, 1, 2, 1, 1.0, 0), (1, 1, 1, 5, 1, 2, 1, 2.0, 1),
+     (2, 2, 33, 3, 1, 1, 1, 1.0, 0)],
+)
+def test_emulated_kernels_match_pytorch_beyond_the_fixtures(
+    host_emulation, batch, group, group_channels, kernel, stride, pad, dilation, offset_scale, remove_center
+):
+    """group_channels that are not powers of two or exceed a warp, an even kernel, grid-stride loops."""
+    generator = torch.Generator().manual_seed(group_channels)
+    height, width, points = 7, 9, kernel * kernel - remove_center
+    height_out = dcnv3_ops.dcnv3_output_size(height, kernel, stride, pad, dilation)
+    width_out = dcnv3_ops.dcnv3_output_size(width, kernel, stride, pad, dilation)
+    values = (kernel, kernel, stride, stride, pad, pad, dilation, dilation, group, group_channels, offset_scale,
+              remove_center)
+    case = dict(zip(HYPER_PARAMETERS, values))
+    case["input"] = torch.randn(batch, height, width, group * group_channels, generator=generator, dtype=torch.float64)
+    case["offset"] = 2 * torch.randn(batch, height_out, width_out, group * points * 2, generator=generator,
+                                     dtype=torch.float64)
+    case["mask"] = torch.rand(batch, height_out, width_out, group * points, generator=generator, dtype=torch.float64)
+    case["grad_weight"] = torch.randn(batch, height_out, width_out, group * group_channels, generator=generator,
+                                      dtype=torch.float64)
+    expected = _run_with_grads(dcnv3_core_pytorch, *(case[name] for name in ("input", "offset", "mask")),
+                               case["grad_weight"], values)
+    results = _emulate(host_emulation, case, "double", blocks=2)
+    for name, result, reference in zip(("output", "grad_input", "grad_offset", "grad_mask"), results, expected):
+        torch.testing.assert_close(result, reference, atol=1e-12, rtol=0, msg=name)
 
 
 # ------------------------------------------------------------------------------------------------------------ GPU

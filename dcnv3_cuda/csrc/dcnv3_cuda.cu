@@ -26,6 +26,8 @@
 
 namespace {
 
+// BEGIN DEVICE CODE: tests/test_dcnv3_cuda.py also compiles this region for the host, with one std::thread per
+// CUDA thread, to check the kernels without a GPU (dcnv3_cuda/emulation/host_emulation.cpp).
 constexpr int kThreadsPerBlock = 256;
 constexpr int kWarpSize = 32;
 
@@ -188,6 +190,17 @@ __global__ void dcnv3_backward_kernel(
   }
 }
 
+// Threads sharing one (n, row, col, g) in the backward kernel: the power of two covering Cg, at most a warp.
+int lanes_per_group(int64_t group_channels) {
+  int lanes = 1;
+  while (lanes < group_channels && lanes < kWarpSize) {
+    lanes *= 2;
+  }
+  return lanes;
+}
+
+// END DEVICE CODE
+
 int64_t output_size(int64_t size, int64_t kernel, int64_t stride, int64_t pad, int64_t dilation) {
   return (size + 2 * pad - (dilation * (kernel - 1) + 1)) / stride + 1;
 }
@@ -247,15 +260,6 @@ int64_t grid_size(int64_t work, int64_t threads_per_item = 1) {
   const int64_t max_blocks = static_cast<int64_t>(at::cuda::getCurrentDeviceProperties()->multiProcessorCount) * 64;
   return std::max<int64_t>(1, std::min<int64_t>((work * threads_per_item + kThreadsPerBlock - 1) / kThreadsPerBlock,
                                                 max_blocks));
-}
-
-// Threads sharing one (n, row, col, g) in the backward kernel: the power of two covering Cg, at most a warp.
-int lanes_per_group(int64_t group_channels) {
-  int lanes = 1;
-  while (lanes < group_channels && lanes < kWarpSize) {
-    lanes *= 2;
-  }
-  return lanes;
 }
 
 at::Tensor dcnv3_forward(
