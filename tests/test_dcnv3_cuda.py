@@ -10,7 +10,6 @@ Building the extension is checked by `.ci/build_cuda_extension.sh`, not here.
 from __future__ import annotations
 
 import importlib.util
-import os
 import shutil
 import stat
 import struct
@@ -344,6 +343,7 @@ def _run_with_grads(function, input, offset, mask, grad_weight, hyper) -> list[t
     return [output.detach(), input.grad, offset.grad, mask.grad]
 
 
+@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("path", _fixture_cases(), ids=lambda path: path.stem)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -358,6 +358,7 @@ def test_fixture_parity(path, dtype):
         torch.testing.assert_close(result.double().cpu(), case[f"{name}_f64ref"], atol=atol, rtol=0, msg=name)
 
 
+@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float16, 1e-2), (torch.bfloat16, 6e-2)])
 @pytest.mark.parametrize("path", _fixture_cases()[:6], ids=lambda path: path.stem)
@@ -372,6 +373,7 @@ def test_half_precision_parity_with_pytorch_on_the_same_inputs(path, dtype, tole
         torch.testing.assert_close(result.float(), reference, atol=tolerance, rtol=tolerance, msg=name)
 
 
+@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("remove_center", [0, 1])
 def test_gradcheck_float64(remove_center):
@@ -389,6 +391,7 @@ def test_gradcheck_float64(remove_center):
     assert torch.autograd.gradcheck(operator, inputs, eps=1e-6, atol=1e-7)
 
 
+@pytest.mark.gpu
 @needs_gpu
 @pytest.mark.parametrize("group_channels", [1, 16, 48, 64])
 def test_batch_300_and_group_channels_match_pytorch(group_channels):
@@ -406,6 +409,7 @@ def test_batch_300_and_group_channels_match_pytorch(group_channels):
         torch.testing.assert_close(result.double(), reference, atol=1e-4, rtol=1e-4, msg=name)
 
 
+@pytest.mark.gpu
 @needs_gpu
 def test_opcheck_schema_fake_and_autograd_registrations():
     tensors, hyper = _op_case(device="cuda")
@@ -413,6 +417,7 @@ def test_opcheck_schema_fake_and_autograd_registrations():
     torch.library.opcheck(torch.ops.dcnv3_cuda.forward.default, (*tensors, *hyper.values()))
 
 
+@pytest.mark.gpu
 @needs_gpu
 def test_torch_compile_has_no_graph_break():
     tensors, hyper = _op_case(device="cuda")
@@ -431,8 +436,10 @@ def test_torch_compile_has_no_graph_break():
         torch.testing.assert_close(compiled_input.grad, eager.grad)
 
 
+@pytest.mark.gpu
 @needs_gpu
 def test_whole_model_parity_across_backends(monkeypatch):
+    """InternImageForImageClassification gives the same logits and parameter gradients on every backend."""
     from configuration_internimage import InternImageConfig
     from modeling_internimage import InternImageDCNv3, InternImageForImageClassification
 
@@ -446,11 +453,32 @@ def test_whole_model_parity_across_backends(monkeypatch):
                 module.offset.bias.normal_(0, 1.0)
     pixel_values = torch.randn(2, 3, 64, 96, device="cuda")
     backends = ["cuda", "pytorch"] + (["triton"] if dcnv3_ops.triton_is_available() else [])
-    logits = {}
+    logits, gradients = {}, {}
     for backend in backends:
         monkeypatch.setenv(dcnv3_ops.BACKEND_ENV_VAR, backend)
-        with torch.no_grad():
-            logits[backend] = model(pixel_values).logits
+        model.zero_grad()
+        logits[backend] = model(pixel_values).logits
+        logits[backend].square().sum().backward()
+        gradients[backend] = {name: param.grad.clone() for name, param in model.named_parameters()}
     for backend in backends[1:]:
         torch.testing.assert_close(logits[backend], logits["cuda"], atol=1e-4, rtol=1e-4, msg=backend)
-    assert os.environ[dcnv3_ops.BACKEND_ENV_VAR] == backends[-1]
+        for name, gradient in gradients["cuda"].items():
+            torch.testing.assert_close(gradients[backend][name], gradient, atol=1e-3, rtol=1e-3, msg=name)
+
+
+@pytest.mark.gpu
+@needs_gpu
+def test_flat_indices_beyond_int32():
+    """An input of more than 2**31 elements: the last image rows are read and written at 64-bit offsets."""
+    height, width, channels, rows = 2048, 1024, 1040, 4
+    input = torch.zeros(1, height, width, channels, device="cuda", dtype=torch.float16)
+    assert input.numel() > 2**31
+    input[:, -rows:].normal_()
+    offset = torch.zeros(1, height, width, 18, device="cuda", dtype=torch.float16)
+    mask = torch.full((1, height, width, 9), 1 / 9, device="cuda", dtype=torch.float16)
+    hyper = [3, 3, 1, 1, 1, 1, 1, 1, 1, channels, 1.0, 0]
+    output = extension.dcnv3_cuda(input, offset, mask, *hyper)[:, -rows + 1:]
+    expected = dcnv3_core_pytorch(
+        input[:, -rows:].float(), offset[:, -rows:].float(), mask[:, -rows:].float(), *hyper
+    )[:, 1:]
+    torch.testing.assert_close(output.float(), expected, atol=2e-3, rtol=2e-3)
