@@ -246,6 +246,36 @@ def test_extension_registers_operators_with_fake_shapes():
     assert [g.shape for g in grads] == [input.shape, offset.shape, mask.shape]
 
 
+@needs_extension
+def test_operators_trace_into_one_graph_with_their_backward():
+    """torch.compile(fullgraph=True) through AOT autograd on meta tensors: the fake and autograd registrations."""
+    from functorch.compile import make_boxed_func
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = {}
+
+    def keep(kind):
+        def compiler(graph_module, example_inputs):
+            graphs[kind] = graph_module.code
+            return make_boxed_func(graph_module.forward)
+
+        return compiler
+
+    tensors, hyper = _op_case(device="meta")
+    tensors = [t.requires_grad_(True) for t in tensors]
+
+    def loss(input, offset, mask):
+        return torch.ops.dcnv3_cuda.forward(input, offset, mask, *hyper.values()).square().sum()
+
+    torch._dynamo.reset()
+    compiled = torch.compile(loss, fullgraph=True, backend=aot_autograd(fw_compiler=keep("forward"),
+                                                                        bw_compiler=keep("backward")))
+    compiled(*tensors).backward()
+    assert "dcnv3_cuda.forward.default" in graphs["forward"]
+    assert "dcnv3_cuda.backward.default" in graphs["backward"]
+    assert [t.grad.shape for t in tensors] == [t.shape for t in tensors]
+
+
 # ------------------------------------------------------------------------------------- kernels emulated on the CPU
 
 EMULATION_DIR = ROOT / "dcnv3_cuda" / "emulation"
