@@ -60,21 +60,9 @@ torch.library.register_autograd("dcnv3_cuda::forward", _backward, setup_context=
 
 
 def dcnv3_cuda(
-    input: torch.Tensor,
-    offset: torch.Tensor,
-    mask: torch.Tensor,
-    kernel_h: int,
-    kernel_w: int,
-    stride_h: int,
-    stride_w: int,
-    pad_h: int,
-    pad_w: int,
-    dilation_h: int,
-    dilation_w: int,
-    group: int,
-    group_channels: int,
-    offset_scale: float,
-    remove_center: int,
+    input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int, stride_h: int,
+    stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int, group_channels: int,
+    offset_scale: float, remove_center: int | bool,
 ) -> torch.Tensor:
     """DCNv3 core on CUDA tensors, differentiable with respect to `input`, `offset` and `mask`.
 
