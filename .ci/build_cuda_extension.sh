@@ -16,6 +16,8 @@ cp -r dcnv3_cuda "$work/source"
 rm -rf "$work/source/build" "$work/source"/src/*.egg-info
 
 echo "== dcnv3_cuda: build environment"
+# --no-build-isolation builds with this environment's setuptools; Python >= 3.12 venvs do not ship it.
+"$PYTHON" -c "import setuptools" 2>/dev/null || "$PYTHON" -m pip install -q setuptools
 rc=0
 (cd "$work/source" && "$PYTHON" -c "
 import sys

@@ -10,6 +10,7 @@ Building the extension is checked by `.ci/build_cuda_extension.sh`, not here.
 from __future__ import annotations
 
 import importlib.util
+import os
 import shutil
 import stat
 import struct
@@ -114,6 +115,16 @@ def test_prepare_build_environment_exports_settings(tmp_path, monkeypatch):
     environ = {"CUDA_HOME": str(toolkit)}
     assert build_utils.prepare_build_environment(environ).cuda_arch_list == "8.0;8.6;8.9;9.0+PTX"
     assert environ["TORCH_CUDA_ARCH_LIST"] == "8.0;8.6;8.9;9.0+PTX"
+
+
+def test_setup_py_stops_with_the_message_and_no_traceback():
+    environ = {**os.environ, "CUDA_HOME": "/nonexistent-cuda"}
+    result = subprocess.run(
+        [sys.executable, "setup.py", "--name"], cwd=ROOT / "dcnv3_cuda", env=environ, capture_output=True, text=True
+    )
+    assert result.returncode == 1
+    expected = "CUDA_HOME=/nonexistent-cuda is not a CUDA toolkit" if torch.version.cuda else "CPU-only build"
+    assert expected in result.stderr and "Traceback" not in result.stderr, result.stderr
 
 
 def test_parse_nvcc_version():
