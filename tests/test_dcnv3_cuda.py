@@ -312,7 +312,7 @@ def host_emulation(tmp_path_factory) -> Path:
     return binary
 
 
-def _emulate(binary: Path, case: dict, dtype: str, blocks: int, threads_per_block: int = 64) -> list[torch.Tensor]:
+def _emulate(binary: Path, case: dict, dtype: str, blocks: int, threads_per_block: int = 32) -> list[torch.Tensor]:
     """Output and gradients of the kernels run by the host emulation, as float64 tensors shaped like the inputs."""
     folder = binary.parent
     batch, height, width, _ = case["input"].shape
@@ -343,7 +343,7 @@ def test_emulated_kernels_match_the_official_fixtures(host_emulation, dtype):
 
 @pytest.mark.parametrize(
     ("batch", "group", "group_channels", "kernel", "stride", "pad", "dilation", "offset_scale", "remove_center"),
-    [(3, 3, 5, 3, 2, 1, 2, 0.5, 1), (2, 2, 48, 4, 1, 2, 1, 1.0, 0), (1, 1, 1, 5, 1, 2, 1, 2.0, 1),
+    [(3, 3, 5, 3, 2, 1, 2, 0.5, 1), (1, 2, 48, 4, 1, 2, 1, 1.0, 0), (1, 1, 1, 5, 1, 2, 1, 2.0, 1),
      (2, 2, 33, 3, 1, 1, 1, 1.0, 0)],
 )
 def test_emulated_kernels_match_pytorch_beyond_the_fixtures(

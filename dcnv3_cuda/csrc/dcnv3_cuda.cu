@@ -54,10 +54,12 @@ struct Footprint {
 // Footprint of point `point` of output pixel (row, col), whose learned offset is (dx, dy).
 template <typename opmath_t>
 __device__ __forceinline__ Footprint<opmath_t> sampling_footprint(
-    const Geometry& geo, int64_t row, int64_t col, int64_t point, opmath_t dx, opmath_t dy, opmath_t offset_scale) {
-  const int64_t tap = point >= geo.skipped_tap ? point + 1 : point;
-  const opmath_t tap_x = static_cast<opmath_t>((tap / geo.kernel_h) * geo.dilation_w - geo.half_w);
-  const opmath_t tap_y = static_cast<opmath_t>((tap % geo.kernel_h) * geo.dilation_h - geo.half_h);
+    const Geometry& geo, int64_t row, int64_t col, int point, opmath_t dx, opmath_t dy, opmath_t offset_scale) {
+  // Tap arithmetic in 32 bits (cheaper division than 64 bits); kernel sizes are small.
+  const int tap = point >= geo.skipped_tap ? point + 1 : point;
+  const int kernel_h = static_cast<int>(geo.kernel_h);
+  const opmath_t tap_x = static_cast<opmath_t>((tap / kernel_h) * geo.dilation_w - geo.half_w);
+  const opmath_t tap_y = static_cast<opmath_t>((tap % kernel_h) * geo.dilation_h - geo.half_h);
   const opmath_t x = static_cast<opmath_t>(geo.half_w - geo.pad_w + col * geo.stride_w) + offset_scale * (tap_x + dx);
   const opmath_t y = static_cast<opmath_t>(geo.half_h - geo.pad_h + row * geo.stride_h) + offset_scale * (tap_y + dy);
   Footprint<opmath_t> footprint;
@@ -105,7 +107,7 @@ __global__ void dcnv3_forward_kernel(
     const scalar_t* point_offset = offset + pixel_group * geo.num_points * 2;
     const scalar_t* point_mask = mask + pixel_group * geo.num_points;
     opmath_t sum = 0;
-    for (int64_t point = 0; point < geo.num_points; ++point) {
+    for (int point = 0; point < geo.num_points; ++point) {
       const auto footprint = sampling_footprint<opmath_t>(
           geo, row, col, point, static_cast<opmath_t>(point_offset[2 * point]),
           static_cast<opmath_t>(point_offset[2 * point + 1]), offset_scale);
@@ -145,7 +147,7 @@ __global__ void dcnv3_backward_kernel(
     const int64_t row = (pixel / geo.width_out) % geo.height_out;
     const int64_t n = pixel / (geo.width_out * geo.height_out);
     const int64_t image_start = n * geo.height * geo.width * geo.channels + g * geo.group_channels;
-    for (int64_t point = 0; point < geo.num_points; ++point) {
+    for (int point = 0; point < geo.num_points; ++point) {
       opmath_t grad_x = 0, grad_y = 0, grad_weight = 0;
       if (active) {
         const int64_t point_index = pixel_group * geo.num_points + point;
