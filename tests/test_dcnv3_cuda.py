@@ -429,7 +429,8 @@ def test_gradcheck_float64(remove_center):
         return extension.dcnv3_cuda(input, offset, mask, 3, 3, 2, 2, 1, 1, 2, 1, group, group_channels, 0.5,
                                     remove_center)
 
-    assert torch.autograd.gradcheck(operator, inputs, eps=1e-6, atol=1e-7)
+    # grad_input is summed with atomics, so two backward passes may differ in the last bits.
+    assert torch.autograd.gradcheck(operator, inputs, eps=1e-6, atol=1e-7, nondet_tol=1e-12)
 
 
 @pytest.mark.gpu
