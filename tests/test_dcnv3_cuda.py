@@ -57,6 +57,7 @@ try:
     extension.dcnv3_cuda  # noqa: B018  (the repository's source folder imports as an empty namespace package)
 except (ImportError, AttributeError):
     extension = None
+    sys.modules.pop("dcnv3_cuda", None)
 
 needs_extension = pytest.mark.skipif(extension is None, reason=f"dcnv3_cuda is not built ({INSTALL_COMMAND})")
 needs_gpu = pytest.mark.skipif(
