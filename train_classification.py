@@ -1,0 +1,638 @@
+#!/usr/bin/env python
+"""Train or fine-tune InternImage for image classification with the 🤗 `Trainer` and the official recipe.
+
+With no arguments it trains `internimage_digits` (a small InternImage, see `ARCHITECTURES`) on scikit-learn's
+handwritten digits (no download, CPU, a few minutes), evaluates it and saves it to `outputs/internimage-digits`:
+
+    python train_classification.py
+    python train_classification.py --data_path /data/imagenet --architecture internimage_t_1k_224   # official recipe
+    torchrun --nproc_per_node 8 train_classification.py --dataset_name imagenet-1k --bf16 true
+    python train_classification.py args.yaml          # every argument from a JSON or YAML file
+
+`--recipe` picks the defaults ("auto": `digits` for the embedded data, `in1k` from scratch, `22kto1k` when
+fine-tuning `--model_name_or_path`); any argument given explicitly wins over the recipe.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import logging
+import math
+import os
+import re
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import datasets
+import evaluate
+import numpy as np
+import torch
+import transformers
+import yaml
+from datasets import ClassLabel, Dataset, DatasetDict, Image, Value
+from PIL import Image as PILImage
+from timm.data import Mixup, create_transform
+from transformers import (
+    AutoModelForImageClassification,
+    CLIPImageProcessor,
+    HfArgumentParser,
+    TrainingArguments,
+    set_seed,
+)
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+from configuration_internimage import AUTO_MAP, VARIANTS, InternImageConfig
+from modeling_internimage import InternImageForImageClassification
+from training_recipe import EMA_WEIGHTS_NAME, EMACallback, InternImageTrainer
+
+logger = logging.getLogger(__name__)
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+METRIC_PATH = os.path.join(HERE, "metrics", "top_k_accuracy.py")
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+DATASET_ALIASES = {"imagenet-1k": "ILSVRC/imagenet-1k", "imagenet1k": "ILSVRC/imagenet-1k"}
+
+# Small named architectures for quick runs; the released ones come from `configuration_internimage.VARIANTS`.
+ARCHITECTURES = {
+    # 32x32 inputs, 0.4M parameters: trains on the embedded digits in about two minutes on 2 CPU cores.
+    "internimage_digits": {
+        "channels": 16, "depths": [1, 1, 2, 1], "groups": [1, 2, 4, 8], "drop_path_rate": 0.0, "image_size": 32,
+    },
+}
+
+# Defaults of each recipe. `in1k` and `22kto1k` are the official ImageNet recipes (official-facts §5); their
+# learning rates are for a total batch of 512 and are scaled linearly to the actual total batch.
+_OFFICIAL = {
+    "weight_decay": 0.05, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "max_grad_norm": 5.0,
+    "auto_augment": "rand-m9-mstd0.5-inc1", "color_jitter": 0.4, "hflip": 0.5, "crop_scale_min": 0.08,
+    "model_ema_decay": 0.9999, "eval_strategy": "epoch", "save_strategy": "epoch", "save_total_limit": 2,
+    "logging_steps": 50, "dataloader_num_workers": 8, "dataloader_drop_last": True, "per_device_eval_batch_size": 128,
+}
+RECIPES = {
+    "in1k": {
+        **_OFFICIAL, "architecture": "internimage_t_1k_224", "num_train_epochs": 300, "warmup_epochs": 20,
+        "learning_rate": 5e-4, "warmup_lr": 5e-7, "min_lr": 5e-6, "per_device_train_batch_size": 128,
+        "label_smoothing_factor": 0.1, "mixup": 0.8, "cutmix": 1.0, "reprob": 0.25,
+        "output_dir": "outputs/internimage-in1k",
+    },
+    "22kto1k": {
+        **_OFFICIAL, "num_train_epochs": 20, "warmup_epochs": 2, "learning_rate": 2e-5, "warmup_lr": 0.0,
+        "min_lr": 0.0, "per_device_train_batch_size": 16, "label_smoothing_factor": 0.3, "mixup": 0.0,
+        "cutmix": 0.0, "reprob": 0.0, "layer_decay": 0.9, "dcn_lr_multiplier": 0.1, "gradient_checkpointing": True,
+        "output_dir": "outputs/internimage-finetuned",
+    },
+    "digits": {
+        **_OFFICIAL, "architecture": "internimage_digits", "num_train_epochs": 30, "warmup_epochs": 2,
+        "learning_rate": 8e-3, "warmup_lr": 1e-5, "min_lr": 1e-5, "per_device_train_batch_size": 64,
+        "label_smoothing_factor": 0.1, "mixup": 0.0, "cutmix": 0.0, "reprob": 0.0, "auto_augment": "none",
+        "color_jitter": 0.0, "hflip": 0.0, "crop_scale_min": 0.6, "model_ema_decay": 0.998, "model_ema_warmup": True,
+        "eval_strategy": "no", "save_strategy": "epoch", "save_total_limit": 1, "logging_steps": 20,
+        "dataloader_num_workers": 0, "dataloader_drop_last": False, "per_device_eval_batch_size": 256,
+        "output_dir": "outputs/internimage-digits",
+    },
+}
+
+
+@dataclass
+class ModelArguments:
+    """Which model to train."""
+
+    architecture: str | None = field(
+        default=None,
+        metadata={"help": f"Named architecture trained from scratch: {sorted(ARCHITECTURES) + sorted(VARIANTS)}."},
+    )
+    model_name_or_path: str | None = field(
+        default=None, metadata={"help": "Converted InternImage folder or Hub id to fine-tune (overrides architecture)."}
+    )
+    trust_remote_code: bool = field(
+        default=False,
+        metadata={"help": "Load --model_name_or_path with its own remote code instead of this repository's classes."},
+    )
+    ignore_mismatched_sizes: bool = field(
+        default=False, metadata={"help": "Re-initialise the classifier when the checkpoint has another label count."}
+    )
+    image_size: int | None = field(default=None, metadata={"help": "Training/eval resolution (default: the model's)."})
+    drop_path_rate: float | None = field(default=None, metadata={"help": "Stochastic depth rate (default: model's)."})
+    dcn_backend: str | None = field(default=None, metadata={"help": "DCNv3 backend: auto, triton, cuda, pytorch."})
+
+
+@dataclass
+class DataArguments:
+    """Where the images come from. Neither `dataset_name` nor `data_path`: the embedded digits."""
+
+    dataset_name: str | None = field(
+        default=None, metadata={"help": "Hub dataset id, e.g. imagenet-1k (= ILSVRC/imagenet-1k, gated)."}
+    )
+    dataset_config_name: str | None = field(default=None, metadata={"help": "Hub dataset configuration."})
+    data_path: str | None = field(
+        default=None,
+        metadata={
+            "help": "Local folder: ROOT/train/<class>/* and ROOT/val/<class>/* (optional ROOT/train_list.txt, "
+            "ROOT/val_list.txt with '<class>/<file> <label>' lines), or ROOT/<class>/* (a held-out split is made)."
+        },
+    )
+    streaming: bool = field(default=False, metadata={"help": "Stream the Hub dataset (needs --max_steps)."})
+    image_column_name: str = field(default="image", metadata={"help": "Image column of a Hub dataset."})
+    label_column_name: str = field(default="label", metadata={"help": "Label column of a Hub dataset."})
+    validation_split_percentage: float = field(
+        default=20.0, metadata={"help": "Held-out share when the data has no validation split."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Truncate the training set."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Truncate the evaluation set."})
+    check_images: bool = field(
+        default=True, metadata={"help": "Open every local image once before training and skip unreadable ones."}
+    )
+
+
+@dataclass
+class RecipeArguments:
+    """The official recipe; `None` fields take the value of `--recipe`."""
+
+    recipe: str = field(default="auto", metadata={"help": f"Defaults to start from: auto, {', '.join(RECIPES)}."})
+    lr_reference_batch_size: int = field(
+        default=512,
+        metadata={"help": "learning_rate, warmup_lr, min_lr are for this total batch; they scale linearly (0: off)."},
+    )
+    warmup_epochs: float = field(default=0.0, metadata={"help": "Linear warmup length in epochs (per-step)."})
+    warmup_lr: float = field(default=0.0, metadata={"help": "LR at the start of the warmup (absolute)."})
+    min_lr: float = field(default=0.0, metadata={"help": "Floor of the cosine schedule (absolute)."})
+    layer_decay: float | None = field(default=None, metadata={"help": "Layer-wise LR decay ratio (off: none/1.0)."})
+    dcn_lr_multiplier: float = field(default=1.0, metadata={"help": "LR multiplier of DCNv3 offset/scale params."})
+    auto_augment: str = field(default="none", metadata={"help": "timm auto-augment policy ('none': off)."})
+    color_jitter: float = field(default=0.0, metadata={"help": "Colour jitter strength (used without auto-augment)."})
+    hflip: float = field(default=0.5, metadata={"help": "Horizontal flip probability."})
+    crop_scale_min: float = field(default=0.08, metadata={"help": "Smallest area share of RandomResizedCrop."})
+    reprob: float = field(default=0.0, metadata={"help": "Random erasing probability (pixel mode)."})
+    mixup: float = field(default=0.0, metadata={"help": "Mixup alpha (0: off)."})
+    cutmix: float = field(default=0.0, metadata={"help": "CutMix alpha (0: off)."})
+    mixup_prob: float = field(default=1.0, metadata={"help": "Probability of mixing a batch."})
+    mixup_switch_prob: float = field(default=0.5, metadata={"help": "Probability of CutMix when both are on."})
+    model_ema_decay: float = field(default=0.0, metadata={"help": "EMA decay of the weights (0: no EMA)."})
+    model_ema_warmup: bool = field(default=False, metadata={"help": "Ramp the EMA decay up over the first steps."})
+    ignore_checkpoints: bool = field(
+        default=False, metadata={"help": "Start afresh even if output_dir holds checkpoint-* folders."}
+    )
+
+
+def _argument_file(argv: list[str]) -> str | None:
+    if len(argv) == 1 and argv[0].endswith((".json", ".yaml", ".yml")):
+        return argv[0]
+    return None
+
+
+def choose_recipe(recipe: str, dataset_name: str | None, data_path: str | None, model_name_or_path: str | None) -> str:
+    """Resolve `--recipe auto`: digits without data, `22kto1k` when fine-tuning a checkpoint, `in1k` otherwise."""
+    if recipe != "auto":
+        if recipe not in RECIPES:
+            raise ValueError(f"--recipe {recipe!r} is unknown; choose auto or one of {sorted(RECIPES)}")
+        return recipe
+    if dataset_name is None and data_path is None:
+        return "digits"
+    return "22kto1k" if model_name_or_path else "in1k"
+
+
+def parse_arguments(
+    argv: list[str] | None = None,
+) -> tuple[ModelArguments, DataArguments, RecipeArguments, TrainingArguments]:
+    """Command line or a single JSON/YAML file; the chosen recipe provides every default not given."""
+    argv = sys.argv[1:] if argv is None else argv
+    parser = HfArgumentParser((ModelArguments, DataArguments, RecipeArguments, TrainingArguments))
+    path = _argument_file(argv)
+    if path is not None:
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"Argument file {path} does not exist")
+        with open(path) as handle:
+            values = json.load(handle) if path.endswith(".json") else yaml.safe_load(handle)
+        recipe = choose_recipe(
+            values.get("recipe", "auto"), values.get("dataset_name"), values.get("data_path"),
+            values.get("model_name_or_path"),
+        )
+        return parser.parse_dict({**RECIPES[recipe], **values})
+    probe = argparse.ArgumentParser(add_help=False)
+    for name in ("recipe", "dataset_name", "data_path", "model_name_or_path"):
+        probe.add_argument(f"--{name}", default="auto" if name == "recipe" else None)
+    known, _ = probe.parse_known_args(argv)
+    parser.set_defaults(
+        **RECIPES[choose_recipe(known.recipe, known.dataset_name, known.data_path, known.model_name_or_path)]
+    )
+    return parser.parse_args_into_dataclasses(argv)
+
+
+# ----------------------------------------------------------------------------------------------------- data
+
+
+def load_digits_splits(seed: int = 0, validation_share: float = 0.2) -> DatasetDict:
+    """scikit-learn's 1,797 handwritten digits (8x8, grayscale) as images, split stratified into train/validation."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    pixels = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    train_index, eval_index = train_test_split(
+        np.arange(len(pixels)), test_size=validation_share, random_state=seed, stratify=digits.target
+    )
+    features = datasets.Features({"image": Image(), "label": ClassLabel(names=[str(d) for d in range(10)])})
+
+    def split(indices: np.ndarray) -> Dataset:
+        images = [PILImage.fromarray(pixels[i], mode="L") for i in indices]
+        return Dataset.from_dict({"image": images, "label": digits.target[indices].tolist()}, features=features)
+
+    return DatasetDict(train=split(train_index), validation=split(eval_index))
+
+
+def _check_image(path: str) -> str | None:
+    """Why `path` cannot be used as an image, or `None` when it opens."""
+    if not os.path.isfile(path):
+        return "missing"
+    if os.path.getsize(path) == 0:
+        return "empty file"
+    try:
+        with PILImage.open(path) as image:
+            image.verify()
+    except Exception as error:  # PIL raises many types for corrupt files
+        return f"unreadable ({type(error).__name__}: {error})"
+    return None
+
+
+def _read_list_file(path: str) -> list[tuple[str, int]]:
+    entries = []
+    with open(path) as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            parts = line.rsplit(maxsplit=1)
+            if len(parts) != 2 or not re.fullmatch(r"\d+", parts[1]):
+                raise ValueError(f"{path}:{number}: expected '<class>/<file> <label index>', got {line.strip()!r}")
+            entries.append((parts[0].strip(), int(parts[1])))
+    if not entries:
+        raise ValueError(f"{path} lists no images")
+    return entries
+
+
+def _scan_class_folders(split_dir: str, class_names: list[str] | None) -> tuple[list[tuple[str, int]], list[str]]:
+    """(relative path, label) of every image under `split_dir/<class>/`, labels in sorted class order."""
+    found = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+    if class_names is None:
+        class_names = found
+        if not class_names:
+            raise ValueError(f"{split_dir} has no class sub-folders (expected {split_dir}/<class>/<image>)")
+    unknown = sorted(set(found) - set(class_names))
+    if unknown:
+        raise ValueError(f"{split_dir} has classes the training split lacks: {unknown[:5]}")
+    entries = []
+    for label, name in enumerate(class_names):
+        folder = os.path.join(split_dir, name)
+        files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS)) if name in found else []
+        if not files:
+            logger.warning(f"Class {name!r} has no images in {split_dir}")
+        entries.extend((f"{name}/{file}", label) for file in files)
+    return entries, class_names
+
+
+def _build_split(split_dir: str, entries: list[tuple[str, int]], check_images: bool, features) -> Dataset:
+    paths, labels, skipped = [], [], []
+    for relative, label in entries:
+        path = os.path.join(split_dir, relative)
+        problem = _check_image(path) if check_images else None
+        if problem is None:
+            paths.append(path)
+            labels.append(label)
+        else:
+            skipped.append(f"{relative} ({problem})")
+    if skipped:
+        logger.warning(f"{split_dir}: skipped {len(skipped)} image(s): " + "; ".join(skipped[:10]))
+    if not paths:
+        raise ValueError(f"No usable image in {split_dir}")
+    logger.info(f"{split_dir}: {len(paths)} images")
+    return Dataset.from_dict({"image": paths, "label": labels}, features=features)
+
+
+def load_image_folder(root: str, validation_share: float, check_images: bool, seed: int) -> DatasetDict:
+    """An ImageNet-layout or imagefolder-style local folder as train/validation splits of image paths.
+
+    With `ROOT/<split>_list.txt` the listed label indices are used and each index is named after the folder its
+    images sit in (e.g. `n01440764`); otherwise classes are the sorted sub-folder names of the training split.
+    """
+    if not os.path.isdir(root):
+        raise FileNotFoundError(f"--data_path {root} is not a folder")
+    train_dir = os.path.join(root, "train")
+    eval_dirs = [os.path.join(root, split) for split in ("val", "validation")]
+    eval_dir = next((path for path in eval_dirs if os.path.isdir(path)), None)
+    if not os.path.isdir(train_dir):
+        train_dir, eval_dir = root, None
+    list_files = {split: os.path.join(root, f"{split}_list.txt") for split in ("train", "val")}
+    if os.path.isfile(list_files["train"]):
+        train_entries = _read_list_file(list_files["train"])
+        names: dict[int, str] = {}
+        for relative, label in train_entries:
+            folder = relative.replace("\\", "/").split("/")[0] if "/" in relative else str(label)
+            if names.setdefault(label, folder) != folder:
+                raise ValueError(f"{list_files['train']}: label {label} names folders {names[label]} and {folder}")
+        class_names = [names.get(index, str(index)) for index in range(max(names) + 1)]
+    else:
+        train_entries, class_names = _scan_class_folders(train_dir, None)
+    features = datasets.Features({"image": Value("string"), "label": ClassLabel(names=class_names)})
+    train = _build_split(train_dir, train_entries, check_images, features)
+    if eval_dir is None:
+        split = train.train_test_split(test_size=validation_share / 100, seed=seed, stratify_by_column="label")
+        return DatasetDict(train=split["train"], validation=split["test"])
+    if os.path.isfile(list_files["val"]):
+        eval_entries = _read_list_file(list_files["val"])
+        out_of_range = [label for _, label in eval_entries if label >= len(class_names)]
+        if out_of_range:
+            raise ValueError(f"{list_files['val']} has labels {out_of_range[:5]} beyond the {len(class_names)} classes")
+    else:
+        eval_entries, _ = _scan_class_folders(eval_dir, class_names)
+    return DatasetDict(train=train, validation=_build_split(eval_dir, eval_entries, check_images, features))
+
+
+def load_hub_dataset(data_args: DataArguments, seed: int) -> DatasetDict | datasets.IterableDatasetDict:
+    """A Hub (or cached) dataset with train and validation splits; images stay encoded until the transform."""
+    name = DATASET_ALIASES.get(data_args.dataset_name, data_args.dataset_name)
+    loaded = datasets.load_dataset(name, data_args.dataset_config_name, streaming=data_args.streaming)
+    for column in (data_args.image_column_name, data_args.label_column_name):
+        if column not in loaded["train"].column_names:
+            raise ValueError(
+                f"{name} has no column {column!r} (columns: {loaded['train'].column_names}); "
+                "set --image_column_name / --label_column_name"
+            )
+    eval_split = next((s for s in ("validation", "val") if s in loaded), None)
+    if eval_split is None:
+        if data_args.streaming:
+            raise ValueError(f"{name} has no validation split; streaming cannot hold one out")
+        held_out = loaded["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, seed=seed)
+        loaded = DatasetDict(train=held_out["train"], validation=held_out["test"])
+        eval_split = "validation"
+    splits = {"train": loaded["train"], "validation": loaded[eval_split]}
+    renames = {data_args.image_column_name: "image", data_args.label_column_name: "label"}
+    renames = {column: target for column, target in renames.items() if column != target}
+    splits = {
+        key: split.rename_columns(renames).cast_column("image", Image(decode=False)) for key, split in splits.items()
+    }
+    return (datasets.IterableDatasetDict if data_args.streaming else DatasetDict)(splits)
+
+
+def load_data(data_args: DataArguments, seed: int) -> tuple[DatasetDict, list[str]]:
+    """The train/validation splits (columns `image`, `label`) and the class names (index -> name)."""
+    if data_args.data_path is not None:
+        splits = load_image_folder(
+            data_args.data_path, data_args.validation_split_percentage, data_args.check_images, seed
+        )
+    elif data_args.dataset_name is not None:
+        splits = load_hub_dataset(data_args, seed)
+    else:
+        splits = load_digits_splits(seed)
+    label_feature = splits["train"].features["label"]
+    if not isinstance(label_feature, ClassLabel):
+        raise ValueError(f"The label column must be a ClassLabel (class names), got {label_feature}")
+    if not data_args.streaming:
+        for split, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
+            if limit is not None:
+                splits[split] = splits[split].shuffle(seed=seed).select(range(min(limit, len(splits[split]))))
+    return splits, list(label_feature.names)
+
+
+def load_rgb(value: str | dict | PILImage.Image) -> PILImage.Image:
+    """Decode a path, an encoded `{"bytes", "path"}` record or a PIL image to RGB (grayscale, CMYK, alpha, palette)."""
+    if isinstance(value, dict):
+        value = PILImage.open(io.BytesIO(value["bytes"])) if value.get("bytes") else value["path"]
+    image = PILImage.open(value) if isinstance(value, str) else value
+    if image.mode == "P" or "transparency" in image.info:
+        image = image.convert("RGBA")
+    return image.convert("RGB")
+
+
+def make_batch_transform(
+    images_to_tensors: Callable[[list[PILImage.Image]], list[torch.Tensor]],
+) -> Callable[[dict], dict]:
+    """`set_transform` function: decode, convert to RGB and transform a batch; undecodable images are dropped."""
+
+    def transform(batch: dict) -> dict:
+        images, labels = [], []
+        for value, label in zip(batch["image"], batch["label"]):
+            try:
+                images.append(load_rgb(value))
+            except Exception as error:  # a corrupt file must not kill a data-loader worker
+                where = value.get("path") if isinstance(value, dict) else value
+                logger.warning(f"Skipping an undecodable image {where if isinstance(where, str) else ''}: {error}")
+                continue
+            labels.append(label)
+        return {"pixel_values": images_to_tensors(images) if images else [], "labels": labels}
+
+    return transform
+
+
+def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
+    return {
+        "pixel_values": torch.stack([example["pixel_values"] for example in examples]),
+        "labels": torch.tensor([example["labels"] for example in examples], dtype=torch.long),
+    }
+
+
+# ---------------------------------------------------------------------------------------------------- model
+
+
+def default_image_processor(image_size: int) -> CLIPImageProcessor:
+    """The official eval transform: short side to `image_size` (crop ratio 1.0), centre crop, bicubic."""
+    return CLIPImageProcessor(
+        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
+        resample=PILImage.Resampling.BICUBIC, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
+        do_convert_rgb=True,
+    )
+
+
+def build_model(
+    model_args: ModelArguments, class_names: list[str]
+) -> tuple[InternImageForImageClassification, CLIPImageProcessor]:
+    """A named architecture from scratch, or a converted checkpoint with a (possibly new) classifier."""
+    id2label = dict(enumerate(class_names))
+    overrides = {"num_labels": len(class_names), "id2label": id2label, "label2id": {v: k for k, v in id2label.items()}}
+    for name in ("drop_path_rate", "dcn_backend", "image_size"):
+        if getattr(model_args, name) is not None:
+            overrides[name] = getattr(model_args, name)
+    if model_args.model_name_or_path is not None:
+        loader = AutoModelForImageClassification if model_args.trust_remote_code else InternImageForImageClassification
+        model = loader.from_pretrained(
+            model_args.model_name_or_path, ignore_mismatched_sizes=model_args.ignore_mismatched_sizes,
+            trust_remote_code=model_args.trust_remote_code, **overrides,
+        )
+        try:
+            processor = CLIPImageProcessor.from_pretrained(model_args.model_name_or_path)
+        except OSError:
+            processor = default_image_processor(model.config.image_size)
+    elif model_args.architecture in ARCHITECTURES:
+        model = InternImageForImageClassification(
+            InternImageConfig(**{**ARCHITECTURES[model_args.architecture], **overrides})
+        )
+        processor = default_image_processor(model.config.image_size)
+    elif model_args.architecture in VARIANTS:
+        model = InternImageForImageClassification(
+            InternImageConfig.from_variant(model_args.architecture, label_set=None, **overrides)
+        )
+        processor = default_image_processor(model.config.image_size)
+    else:
+        raise ValueError(
+            f"--architecture {model_args.architecture!r} is unknown; choose one of "
+            f"{sorted(ARCHITECTURES) + sorted(VARIANTS)} or pass --model_name_or_path"
+        )
+    if model_args.image_size is not None:
+        size = model_args.image_size
+        processor.size, processor.crop_size = {"shortest_edge": size}, {"height": size, "width": size}
+    model.config.auto_map = dict(AUTO_MAP)
+    model.register_for_auto_class("AutoModelForImageClassification")
+    return model, processor
+
+
+# ----------------------------------------------------------------------------------------------------- main
+
+
+def find_resume_checkpoint(output_dir: str, needs_ema: bool) -> str | None:
+    """The newest complete `checkpoint-*` in `output_dir` (trainer state written, and EMA weights when used)."""
+    if not os.path.isdir(output_dir):
+        return None
+    steps = []
+    for name in os.listdir(output_dir):
+        match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
+        folder = os.path.join(output_dir, name)
+        complete = os.path.isfile(os.path.join(folder, "trainer_state.json")) and (
+            not needs_ema or os.path.isfile(os.path.join(folder, EMA_WEIGHTS_NAME))
+        )
+        if match and complete:
+            steps.append((int(match.group(1)), folder))
+    return max(steps)[1] if steps else None
+
+
+def top_k_metrics() -> tuple[Callable, Callable]:
+    """`preprocess_logits_for_metrics` (keep the 5 best classes) and `compute_metrics` (top-1, top-5 accuracy)."""
+    metric = evaluate.load(METRIC_PATH, keep_in_memory=True)
+
+    def keep_top5(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return logits.topk(min(5, logits.shape[-1]), dim=-1).indices
+
+    def compute_metrics(prediction) -> dict[str, float]:
+        return metric.compute(predictions=prediction.predictions.tolist(), references=prediction.label_ids.tolist())
+
+    return keep_top5, compute_metrics
+
+
+def setup_logging(training_args: TrainingArguments) -> None:
+    logging.basicConfig(
+        format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
+        handlers=[logging.StreamHandler(sys.stdout)],
+    )
+    level = training_args.get_process_log_level()
+    logger.setLevel(level)
+    logging.getLogger("training_recipe").setLevel(level)
+    datasets.utils.logging.set_verbosity(level)
+    transformers.utils.logging.set_verbosity(level)
+    transformers.utils.logging.enable_default_handler()
+    transformers.utils.logging.enable_explicit_format()
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    model_args, data_args, recipe_args, training_args = parse_arguments(argv)
+    if training_args.log_level == "passive":
+        training_args.log_level = "info"
+    setup_logging(training_args)
+    training_args.remove_unused_columns = False
+    set_seed(training_args.seed)
+
+    splits, class_names = load_data(data_args, training_args.seed)
+    model, processor = build_model(model_args, class_names)
+    image_size = processor.crop_size["height"]
+    logger.info(
+        f"InternImage with {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(class_names)} "
+        f"classes, {image_size}px; train/eval: {splits['train']}, {splits['validation']}"
+    )
+
+    train_transform = create_transform(
+        input_size=image_size, is_training=True, scale=(recipe_args.crop_scale_min, 1.0), hflip=recipe_args.hflip,
+        color_jitter=recipe_args.color_jitter,
+        auto_augment=None if recipe_args.auto_augment.lower() == "none" else recipe_args.auto_augment,
+        interpolation="bicubic", mean=tuple(processor.image_mean), std=tuple(processor.image_std),
+        re_prob=recipe_args.reprob, re_mode="pixel", re_count=1,
+    )
+    train_fn = make_batch_transform(lambda images: [train_transform(image) for image in images])
+    eval_fn = make_batch_transform(lambda images: list(processor(images=images, return_tensors="pt").pixel_values))
+    if data_args.streaming:
+        train_dataset = splits["train"].map(train_fn, batched=True, remove_columns=["image", "label"])
+        eval_dataset = splits["validation"].map(eval_fn, batched=True, remove_columns=["image", "label"])
+    else:
+        train_dataset = splits["train"].with_transform(train_fn)
+        eval_dataset = splits["validation"].with_transform(eval_fn)
+
+    # Official linear scaling: every LR of the recipe is for a total batch of `lr_reference_batch_size`.
+    total_batch = (
+        training_args.per_device_train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps
+    )
+    lr_scale = total_batch / recipe_args.lr_reference_batch_size if recipe_args.lr_reference_batch_size else 1.0
+    training_args.learning_rate *= lr_scale
+    if training_args.warmup_steps > 0:
+        warmup_steps = int(training_args.warmup_steps)
+    elif data_args.streaming:
+        warmup_steps = 0
+        logger.warning("Streaming data has no epoch length: --warmup_epochs is ignored, use --warmup_steps")
+    else:
+        batches_per_epoch = math.ceil(len(splits["train"]) / training_args.world_size) // (
+            training_args.per_device_train_batch_size
+        )
+        warmup_steps = round(recipe_args.warmup_epochs * batches_per_epoch / training_args.gradient_accumulation_steps)
+    logger.info(
+        f"Total batch {total_batch}: peak LR {training_args.learning_rate:.3g} (x{lr_scale:.4g}), warmup "
+        f"{warmup_steps} steps from {recipe_args.warmup_lr * lr_scale:.3g}, floor {recipe_args.min_lr * lr_scale:.3g}"
+    )
+
+    mixup = None
+    if recipe_args.mixup > 0 or recipe_args.cutmix > 0:
+        mixup = Mixup(
+            mixup_alpha=recipe_args.mixup, cutmix_alpha=recipe_args.cutmix, prob=recipe_args.mixup_prob,
+            switch_prob=recipe_args.mixup_switch_prob, label_smoothing=training_args.label_smoothing_factor,
+            num_classes=len(class_names),
+        )
+        training_args.dataloader_drop_last = True
+
+    resume = training_args.resume_from_checkpoint
+    if resume is None and training_args.do_train is not False and not recipe_args.ignore_checkpoints:
+        resume = find_resume_checkpoint(training_args.output_dir, recipe_args.model_ema_decay > 0)
+    if resume is not None:
+        logger.info(f"Resuming from {resume}")
+    ema_callback = None
+    if recipe_args.model_ema_decay > 0:
+        ema_callback = EMACallback(recipe_args.model_ema_decay, recipe_args.model_ema_warmup, resume)
+
+    keep_top5, compute_metrics = top_k_metrics()
+    trainer = InternImageTrainer(
+        model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
+        data_collator=collate, processing_class=processor, compute_metrics=compute_metrics,
+        preprocess_logits_for_metrics=keep_top5, callbacks=[ema_callback] if ema_callback else None,
+        layer_decay=recipe_args.layer_decay, dcn_lr_multiplier=recipe_args.dcn_lr_multiplier,
+        warmup_steps=warmup_steps, warmup_lr=recipe_args.warmup_lr * lr_scale, min_lr=recipe_args.min_lr * lr_scale,
+        mixup=mixup, ema_callback=ema_callback,
+    )
+
+    train_result = trainer.train(resume_from_checkpoint=resume)
+    with trainer.ema_weights():
+        trainer.save_model()
+    trainer.log_metrics("train", train_result.metrics)
+    trainer.save_metrics("train", train_result.metrics)
+    trainer.save_state()
+
+    metrics = trainer.evaluate()
+    trainer.log_metrics("eval", metrics)
+    trainer.save_metrics("eval", metrics)
+    if trainer.is_world_process_zero():
+        weights = "EMA" if ema_callback else "final"
+        print(
+            f"{weights} weights: top-1 {metrics['eval_accuracy']:.2%}, top-5 {metrics['eval_top5_accuracy']:.2%} "
+            f"on {len(splits['validation'])} held-out images; model saved to {training_args.output_dir}"
+        )
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
