@@ -25,9 +25,10 @@ from build_utils import BuildEnvironmentError, prepare_build_environment
 try:
     print(prepare_build_environment())
 except BuildEnvironmentError as error:
-    sys.exit(f'{error}')") || rc=$?
+    print(error, file=sys.stderr)
+    sys.exit(3)") || rc=$?
 if [ "$rc" != 0 ]; then
-  if [ "$rc" != 1 ] || [ "${DCNV3_CUDA_REQUIRED:-0}" = 1 ]; then echo "FAIL dcnv3_cuda build environment"; exit 1; fi
+  if [ "$rc" != 3 ] || [ "${DCNV3_CUDA_REQUIRED:-0}" = 1 ]; then echo "FAIL dcnv3_cuda build environment"; exit 1; fi
   echo "SKIP dcnv3_cuda build: this environment cannot build it (see the message above)"; exit 0
 fi
 

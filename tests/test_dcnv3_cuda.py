@@ -1,10 +1,12 @@
 """The optional DCNv3 CUDA extension (`dcnv3_cuda/`).
 
-CPU (always): the build-environment checks of `dcnv3_cuda/build_utils.py` and the dispatch's answers when the
-extension is missing or gets CPU tensors. With the extension importable: its own CPU-tensor error and fake-tensor
-shapes. GPU (skipped without CUDA and the extension): parity with the official fixtures and the PyTorch backend in
-every dtype, gradients, batch 300, whole-model parity across backends, `torch.compile`.
-Building the extension is checked by `.ci/build_cuda_extension.sh`, not here.
+CPU (always): the build-environment checks of `dcnv3_cuda/build_utils.py`, the dispatch's answers when the
+extension is missing or gets CPU tensors, and the kernels themselves compiled for the host by g++ (one std::thread
+per CUDA thread) against the official fixtures and the PyTorch backend. With the extension importable: its own
+CPU-tensor error, fake-tensor shapes and a torch.compile trace on meta tensors. GPU (skipped without CUDA and the
+extension): parity with the official fixtures and the PyTorch backend in every dtype, gradcheck, batch 300,
+whole-model parity across backends, torch.compile, 64-bit indexing.
+Building the extension is checked by `.ci/build_cuda_extension.sh`, which then runs this file with it importable.
 """
 
 from __future__ import annotations
