@@ -30,6 +30,8 @@ namespace {
 // CUDA thread, to check the kernels without a GPU (dcnv3_cuda/emulation/host_emulation.cpp).
 constexpr int kThreadsPerBlock = 256;
 constexpr int kWarpSize = 32;
+// Channels each thread handles, so that one computation of a sampling position serves several channels.
+constexpr int kChannelsPerThread = 4;
 
 // Sizes and hyper-parameters of one call, passed to the kernels by value.
 struct Geometry {
@@ -87,26 +89,39 @@ __device__ __forceinline__ Footprint<opmath_t> sampling_footprint(
   return footprint;
 }
 
-// One thread per output element (n, row, col, g, c): the mask-weighted sum of its P bilinear samples.
+// Threads of one (n, row, col, g) in the forward kernel: each sums at most kChannelsPerThread channels.
+__host__ __device__ __forceinline__ int64_t forward_slots(int64_t group_channels) {
+  return (group_channels + kChannelsPerThread - 1) / kChannelsPerThread;
+}
+
+// One thread per (n, row, col, g) and channel slot s: it computes the mask-weighted sum of the P bilinear samples
+// for channels s, s + slots, s + 2 * slots, ... of its group (neighbouring threads read neighbouring channels).
 template <typename scalar_t>
 __global__ void dcnv3_forward_kernel(
     const scalar_t* __restrict__ input, const scalar_t* __restrict__ offset, const scalar_t* __restrict__ mask,
     scalar_t* __restrict__ output, const Geometry geo, const at::opmath_type<scalar_t> offset_scale,
-    const int64_t num_outputs) {
+    const int64_t num_threads) {
   using opmath_t = at::opmath_type<scalar_t>;
-  for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; index < num_outputs;
+  const int64_t slots = forward_slots(geo.group_channels);
+  for (int64_t index = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; index < num_threads;
        index += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    const int64_t channel = index % geo.group_channels;
-    const int64_t pixel_group = index / geo.group_channels;  // flat (n, row, col, g)
+    const int64_t slot = index % slots;
+    const int64_t pixel_group = index / slots;  // flat (n, row, col, g)
     const int64_t g = pixel_group % geo.group;
     const int64_t pixel = pixel_group / geo.group;  // flat (n, row, col)
     const int64_t col = pixel % geo.width_out;
     const int64_t row = (pixel / geo.width_out) % geo.height_out;
     const int64_t n = pixel / (geo.width_out * geo.height_out);
-    const scalar_t* image = input + n * geo.height * geo.width * geo.channels + g * geo.group_channels + channel;
+    const scalar_t* image = input + n * geo.height * geo.width * geo.channels + g * geo.group_channels + slot;
     const scalar_t* point_offset = offset + pixel_group * geo.num_points * 2;
     const scalar_t* point_mask = mask + pixel_group * geo.num_points;
-    opmath_t sum = 0;
+    bool has_channel[kChannelsPerThread];
+    opmath_t sum[kChannelsPerThread];
+#pragma unroll
+    for (int k = 0; k < kChannelsPerThread; ++k) {
+      has_channel[k] = slot + k * slots < geo.group_channels;
+      sum[k] = 0;
+    }
     for (int point = 0; point < geo.num_points; ++point) {
       const auto footprint = sampling_footprint<opmath_t>(
           geo, row, col, point, static_cast<opmath_t>(point_offset[2 * point]),
@@ -114,14 +129,26 @@ __global__ void dcnv3_forward_kernel(
       if (!footprint.touches_image) {
         continue;
       }
-      opmath_t sample = 0;
+      const opmath_t weight = static_cast<opmath_t>(point_mask[point]);
 #pragma unroll
       for (int corner = 0; corner < 4; ++corner) {
-        sample += footprint.corner_weight[corner] * static_cast<opmath_t>(image[footprint.corner_offset[corner]]);
+        const opmath_t corner_weight = footprint.corner_weight[corner] * weight;
+        const scalar_t* corner_image = image + footprint.corner_offset[corner];
+#pragma unroll
+        for (int k = 0; k < kChannelsPerThread; ++k) {
+          if (has_channel[k]) {
+            sum[k] += corner_weight * static_cast<opmath_t>(corner_image[k * slots]);
+          }
+        }
       }
-      sum += static_cast<opmath_t>(point_mask[point]) * sample;
     }
-    output[index] = static_cast<scalar_t>(sum);
+    scalar_t* pixel_output = output + pixel_group * geo.group_channels + slot;
+#pragma unroll
+    for (int k = 0; k < kChannelsPerThread; ++k) {
+      if (has_channel[k]) {
+        pixel_output[k * slots] = static_cast<scalar_t>(sum[k]);
+      }
+    }
   }
 }
 
@@ -192,10 +219,11 @@ __global__ void dcnv3_backward_kernel(
   }
 }
 
-// Threads sharing one (n, row, col, g) in the backward kernel: the power of two covering Cg, at most a warp.
+// Threads sharing one (n, row, col, g) in the backward kernel: a power of two, at most a warp, that gives each
+// about kChannelsPerThread channels.
 int lanes_per_group(int64_t group_channels) {
   int lanes = 1;
-  while (lanes < group_channels && lanes < kWarpSize) {
+  while (lanes * kChannelsPerThread < group_channels && lanes < kWarpSize) {
     lanes *= 2;
   }
   return lanes;
@@ -274,15 +302,16 @@ at::Tensor dcnv3_forward(
   const c10::cuda::CUDAGuard device_guard(input.device());
   const at::Tensor input_c = input.contiguous(), offset_c = offset.contiguous(), mask_c = mask.contiguous();
   at::Tensor output = at::empty({input.size(0), geo.height_out, geo.width_out, geo.channels}, input.options());
-  const int64_t num_outputs = output.numel();
-  if (num_outputs == 0) {
+  const int64_t num_pixel_groups = input.size(0) * geo.height_out * geo.width_out * geo.group;
+  const int64_t num_threads = num_pixel_groups * forward_slots(group_channels);
+  if (num_threads == 0) {
     return output;
   }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "dcnv3_cuda_forward", [&] {
     using opmath_t = at::opmath_type<scalar_t>;
-    dcnv3_forward_kernel<scalar_t><<<grid_size(num_outputs), kThreadsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(
+    dcnv3_forward_kernel<scalar_t><<<grid_size(num_threads), kThreadsPerBlock, 0, at::cuda::getCurrentCUDAStream()>>>(
         input_c.data_ptr<scalar_t>(), offset_c.data_ptr<scalar_t>(), mask_c.data_ptr<scalar_t>(),
-        output.data_ptr<scalar_t>(), geo, static_cast<opmath_t>(offset_scale), num_outputs);
+        output.data_ptr<scalar_t>(), geo, static_cast<opmath_t>(offset_scale), num_threads);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return output;

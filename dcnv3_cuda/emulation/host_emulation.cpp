@@ -27,6 +27,7 @@ Dim3 blockDim, gridDim;
 
 #define __global__
 #define __device__
+#define __host__
 #define __forceinline__ inline
 
 namespace at {
@@ -115,7 +116,7 @@ void run(const std::string& in_path, const std::string& out_path) {
   const unsigned blocks = m[16], threads_per_block = m[17];
   launch(blocks, threads_per_block, [&] {
     dcnv3_forward_kernel<T>(input.data(), offset.data(), mask.data(), output.data(), geo, T(offset_scale),
-                            static_cast<int64_t>(output.size()));
+                            pixels_out * group * forward_slots(group_channels));
   });
   const int lanes = lanes_per_group(group_channels);
   launch(blocks, threads_per_block, [&] {
