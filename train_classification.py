@@ -87,8 +87,8 @@ RECIPES = {
         "output_dir": "outputs/internimage-finetuned",
     },
     "digits": {
-        **_OFFICIAL, "architecture": "internimage_digits", "num_train_epochs": 30, "warmup_epochs": 2,
-        "learning_rate": 8e-3, "warmup_lr": 1e-5, "min_lr": 1e-5, "per_device_train_batch_size": 64,
+        **_OFFICIAL, "architecture": "internimage_digits", "num_train_epochs": 20, "warmup_epochs": 2,
+        "learning_rate": 1.6e-2, "warmup_lr": 1e-5, "min_lr": 1e-5, "per_device_train_batch_size": 128,
         "label_smoothing_factor": 0.1, "mixup": 0.0, "cutmix": 0.0, "reprob": 0.0, "auto_augment": "none",
         "color_jitter": 0.0, "hflip": 0.0, "crop_scale_min": 0.6, "model_ema_decay": 0.998, "model_ema_warmup": True,
         "eval_strategy": "no", "save_strategy": "epoch", "save_total_limit": 1, "logging_steps": 20,
@@ -521,23 +521,21 @@ def top_k_metrics() -> tuple[Callable, Callable]:
 
 
 def setup_logging(training_args: TrainingArguments) -> None:
+    """Script messages at INFO on the main process; library verbosity from `--log_level` (default: warnings)."""
     logging.basicConfig(
         format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", datefmt="%H:%M:%S",
         handlers=[logging.StreamHandler(sys.stdout)],
     )
-    level = training_args.get_process_log_level()
-    logger.setLevel(level)
-    logging.getLogger("training_recipe").setLevel(level)
-    datasets.utils.logging.set_verbosity(level)
-    transformers.utils.logging.set_verbosity(level)
-    transformers.utils.logging.enable_default_handler()
-    transformers.utils.logging.enable_explicit_format()
+    library_level = training_args.get_process_log_level()
+    script_level = logging.INFO if training_args.should_log else library_level
+    for name in (__name__, "training_recipe"):
+        logging.getLogger(name).setLevel(min(script_level, library_level))
+    datasets.utils.logging.set_verbosity(library_level)
+    transformers.utils.logging.set_verbosity(library_level)
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     model_args, data_args, recipe_args, training_args = parse_arguments(argv)
-    if training_args.log_level == "passive":
-        training_args.log_level = "info"
     setup_logging(training_args)
     training_args.remove_unused_columns = False
     set_seed(training_args.seed)
