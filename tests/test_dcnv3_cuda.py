@@ -456,6 +456,20 @@ def test_batch_300_and_group_channels_match_pytorch(group_channels):
 
 @pytest.mark.gpu
 @needs_gpu
+def test_backward_refuses_deterministic_mode():
+    tensors, hyper = _op_case(device="cuda")
+    input = tensors[0].requires_grad_(True)
+    output = extension.dcnv3_cuda(input, *tensors[1:], *hyper.values())
+    torch.use_deterministic_algorithms(True)
+    try:
+        with pytest.raises(RuntimeError, match="dcnv3_cuda::backward does not have a deterministic implementation"):
+            output.sum().backward()
+    finally:
+        torch.use_deterministic_algorithms(False)
+
+
+@pytest.mark.gpu
+@needs_gpu
 def test_opcheck_schema_fake_and_autograd_registrations():
     tensors, hyper = _op_case(device="cuda")
     tensors = tuple(t.requires_grad_(True) for t in tensors)

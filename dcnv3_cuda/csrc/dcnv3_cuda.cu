@@ -331,6 +331,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> dcnv3_backward(
           grad_output.device() == input.device(),
       "dcnv3_cuda: grad_output must be ", output_shape, " with the input's dtype and device, got ",
       grad_output.sizes(), " ", grad_output.scalar_type());
+  // grad_input is summed with atomics, so its last bits depend on thread scheduling.
+  at::globalContext().alertNotDeterministic("dcnv3_cuda::backward");
   const c10::cuda::CUDAGuard device_guard(input.device());
   const at::Tensor grad_output_c = grad_output.contiguous(), input_c = input.contiguous();
   const at::Tensor offset_c = offset.contiguous(), mask_c = mask.contiguous();
