@@ -41,7 +41,7 @@ def _kernel_taps(kernel: int, dilation: int, device: torch.device, dtype: torch.
     return -((dilation * (kernel - 1)) // 2) + dilation * torch.arange(kernel, device=device, dtype=dtype)
 
 
-def _sampling_points(
+def _sampling_positions(
     offset: torch.Tensor,
     kernel_h: int,
     kernel_w: int,
@@ -55,8 +55,9 @@ def _sampling_points(
     offset_scale: float,
     remove_center: int,
     dtype: torch.dtype,
+    shift: float = 0.0,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sampling positions (x, y) in un-padded input pixels, each (N, H_out, W_out, G, P)."""
+    """Sampling positions x and y in un-padded input pixels plus `shift`, each (N, H_out, W_out, G, P), in `dtype`."""
     batch, height_out, width_out, _ = offset.shape
     device = offset.device
     tap_x = _kernel_taps(kernel_w, dilation_w, device, dtype).repeat_interleave(kernel_h)
@@ -65,14 +66,15 @@ def _sampling_points(
         keep = torch.arange(kernel_h * kernel_w, device=device) != (kernel_h * kernel_w - 1) // 2
         tap_x, tap_y = tap_x[keep], tap_y[keep]
     num_points = tap_x.numel()
-    start_x = (dilation_w * (kernel_w - 1)) // 2 - pad_w
-    start_y = (dilation_h * (kernel_h - 1)) // 2 - pad_h
-    base_x = start_x + stride_w * torch.arange(width_out, device=device, dtype=dtype)
-    base_y = start_y + stride_h * torch.arange(height_out, device=device, dtype=dtype)
-    offset = offset.view(batch, height_out, width_out, group, num_points, 2).to(dtype)
-    x = base_x.view(1, 1, -1, 1, 1) + offset_scale * (tap_x + offset[..., 0])
-    y = base_y.view(1, -1, 1, 1, 1) + offset_scale * (tap_y + offset[..., 1])
-    return x, y
+    start_x = (dilation_w * (kernel_w - 1)) // 2 - pad_w + shift
+    start_y = (dilation_h * (kernel_h - 1)) // 2 - pad_h + shift
+    # Regular grid (H_out, W_out, 1, P) per axis: output pixel origin plus the scaled kernel tap.
+    grid_x = start_x + stride_w * torch.arange(width_out, device=device, dtype=dtype).view(1, -1, 1, 1)
+    grid_y = start_y + stride_h * torch.arange(height_out, device=device, dtype=dtype).view(-1, 1, 1, 1)
+    offset = offset.view(batch, height_out, width_out, group, num_points, 2)
+    x = torch.add(grid_x + offset_scale * tap_x, offset[..., 0], alpha=offset_scale)
+    y = torch.add(grid_y + offset_scale * tap_y, offset[..., 1], alpha=offset_scale)
+    return x.to(dtype), y.to(dtype)
 
 
 def dcnv3_core_pytorch(
@@ -94,43 +96,50 @@ def dcnv3_core_pytorch(
 ) -> torch.Tensor:
     """DCNv3 core in plain PyTorch, differentiable, on any device and floating dtype.
 
-    Each output is a weighted sum of the 4 * P bilinear corner rows of its group, computed in one
-    `F.embedding_bag` call (no (N, H_out, W_out, G, P, Cg) intermediate). Positions are computed in float64 for
-    float64 inputs and in float32 otherwise.
+    Each output is the mask- and bilinear-weighted sum of the 4 * P corner rows of its group, gathered by four
+    `F.embedding_bag` calls (one per corner, no (N, H_out, W_out, G, P, Cg) intermediate) from a zero-bordered copy
+    of the input. Positions are computed in float64 for float64 inputs and in float32 otherwise.
     """
     batch, height, width, channels = input.shape
     if channels != group * group_channels:
         raise ValueError(f"input has {channels} channels, expected group * group_channels = {group * group_channels}")
     position_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-    x, y = _sampling_points(
+    # Positions in the table's coordinates (one border pixel on the top and left).
+    x, y = _sampling_positions(
         offset, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
-        offset_scale, int(remove_center), position_dtype,
+        offset_scale, int(remove_center), position_dtype, shift=1.0,
     )
     _, height_out, width_out, _, num_points = x.shape
     if mask.shape[-1] != group * num_points:
         raise ValueError(f"mask has {mask.shape[-1]} channels, expected group * points = {group * num_points}")
-    x0, y0 = x.floor(), y.floor()
-    frac_x, frac_y = x - x0, y - y0
-    x0, y0 = x0.long(), y0.long()
-    corner_x = torch.stack((x0, x0 + 1, x0, x0 + 1), dim=-1)
-    corner_y = torch.stack((y0, y0, y0 + 1, y0 + 1), dim=-1)
-    weight_x = torch.stack((1 - frac_x, frac_x, 1 - frac_x, frac_x), dim=-1)
-    weight_y = torch.stack((1 - frac_y, 1 - frac_y, frac_y, frac_y), dim=-1)
-    inside = (corner_x >= 0) & (corner_x < width) & (corner_y >= 0) & (corner_y < height)
-    mask = mask.view(batch, height_out, width_out, group, num_points, 1).to(position_dtype)
-    weights = (weight_x * weight_y * inside * mask).to(input.dtype)
-    # Row of corner (x, y) of group g in the (N * H * W * G, Cg) table; corners outside the image point at row 0
-    # with weight 0.
-    batch_index = torch.arange(batch, device=input.device).view(-1, 1, 1, 1, 1, 1)
-    group_index = torch.arange(group, device=input.device).view(1, 1, 1, -1, 1, 1)
-    rows = ((batch_index * height + corner_y) * width + corner_x) * group + group_index
-    rows = torch.where(inside, rows, 0)
-    output = F.embedding_bag(
-        rows.view(-1, num_points * 4),
-        input.reshape(-1, group_channels),
-        mode="sum",
-        per_sample_weights=weights.view(-1, num_points * 4),
-    )
+
+    # Zero-bordered table (N * G * table_h * table_w, Cg): pixel (y, x) of group g in image n is row
+    # ((n * G + g) * table_h + y + 1) * table_w + x + 1. Clamping the positions to [0, size + 1] keeps all four
+    # bilinear corners inside the table (a position outside the image only weights the zero border), and makes
+    # the integer conversion a floor.
+    table_h, table_w = height + 3, width + 3
+    table = F.pad(input.view(batch, height, width, group, group_channels).permute(0, 3, 1, 2, 4), (0, 0, 1, 2, 1, 2))
+    table = table.reshape(-1, group_channels)
+    index_dtype = torch.int32 if table.shape[0] < 2**31 else torch.int64
+    x, y = x.clamp(0, width + 1), y.clamp(0, height + 1)
+    image_group = torch.arange(batch * group, device=input.device, dtype=index_dtype) * (table_h * table_w)
+    image_group = image_group.view(batch, 1, 1, group, 1).expand(batch, 1, 1, group, num_points)
+    rows = torch.add(x.to(index_dtype), y.to(index_dtype), alpha=table_w).add_(image_group).view(-1, num_points)
+
+    mask = mask.view(batch, height_out, width_out, group, num_points).to(position_dtype)
+    frac_x = torch.frac(x)
+    bottom = mask * torch.frac(y)
+    top = mask - bottom
+    top_right, bottom_right = top * frac_x, bottom * frac_x
+    # Corner (dy, dx) reads the table shifted by dy * table_w + dx rows, with the same row indices.
+    output = None
+    for shift, weight in (
+        (0, top - top_right), (1, top_right), (table_w, bottom - bottom_right), (table_w + 1, bottom_right)
+    ):
+        sampled = F.embedding_bag(
+            rows, table[shift:], mode="sum", per_sample_weights=weight.to(input.dtype).view(-1, num_points)
+        )
+        output = sampled if output is None else output + sampled
     return output.view(batch, height_out, width_out, channels)
 
 
