@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import sys
 from collections.abc import Callable
@@ -39,6 +40,7 @@ from transformers import (
     AutoModelForImageClassification,
     CLIPImageProcessor,
     HfArgumentParser,
+    TrainerCallback,
     TrainingArguments,
     set_seed,
 )
@@ -71,7 +73,7 @@ _OFFICIAL = {
     "weight_decay": 0.05, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "max_grad_norm": 5.0,
     "auto_augment": "rand-m9-mstd0.5-inc1", "color_jitter": 0.4, "hflip": 0.5, "crop_scale_min": 0.08,
     "model_ema_decay": 0.9999, "eval_strategy": "epoch", "save_strategy": "epoch", "save_total_limit": 2,
-    "logging_steps": 50, "dataloader_num_workers": 8, "dataloader_drop_last": True, "per_device_eval_batch_size": 128,
+    "logging_steps": 50, "dataloader_num_workers": 8, "per_device_eval_batch_size": 128,
 }
 RECIPES = {
     "in1k": {
@@ -92,7 +94,7 @@ RECIPES = {
         "label_smoothing_factor": 0.1, "mixup": 0.0, "cutmix": 0.0, "reprob": 0.0, "auto_augment": "none",
         "color_jitter": 0.0, "hflip": 0.0, "crop_scale_min": 0.6, "model_ema_decay": 0.998, "model_ema_warmup": True,
         "eval_strategy": "no", "save_strategy": "epoch", "save_total_limit": 1, "logging_steps": 20,
-        "dataloader_num_workers": 0, "dataloader_drop_last": False, "per_device_eval_batch_size": 256,
+        "dataloader_num_workers": 0, "per_device_eval_batch_size": 256,
         "output_dir": "outputs/internimage-digits",
     },
 }
@@ -407,14 +409,56 @@ def load_rgb(value: str | dict | PILImage.Image) -> PILImage.Image:
     return image.convert("RGB")
 
 
+class SeededAugmentation:
+    """A random training transform whose randomness depends only on (seed, epoch, sample index).
+
+    Python, NumPy and torch RNGs are seeded per sample and restored afterwards, so a sample is augmented the same way
+    whatever the number of workers or processes, and a resumed run re-creates exactly the batches it had not trained
+    on (the Trainer fetches the next batch before it restores the checkpoint's RNG state). `epoch` is advanced by
+    `AugmentationEpochCallback`.
+    """
+
+    def __init__(self, transform: Callable[[PILImage.Image], torch.Tensor], seed: int) -> None:
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def __call__(self, image: PILImage.Image, index: int) -> torch.Tensor:
+        sample_seed = int(np.random.SeedSequence([self.seed, self.epoch, index]).generate_state(1)[0])
+        states = random.getstate(), np.random.get_state(), torch.get_rng_state()
+        random.seed(sample_seed)
+        np.random.seed(sample_seed)
+        torch.manual_seed(sample_seed)
+        try:
+            return self.transform(image)
+        finally:
+            random.setstate(states[0])
+            np.random.set_state(states[1])
+            torch.set_rng_state(states[2])
+
+
+class AugmentationEpochCallback(TrainerCallback):
+    """Tells `SeededAugmentation` which epoch starts (before the epoch's data loader workers are created)."""
+
+    def __init__(self, augmentation: SeededAugmentation) -> None:
+        self.augmentation = augmentation
+
+    def on_epoch_begin(self, args, state, control, **kwargs):
+        self.augmentation.epoch = math.floor(state.epoch + 1e-6)
+
+
 def make_batch_transform(
-    images_to_tensors: Callable[[list[PILImage.Image]], list[torch.Tensor]],
+    images_to_tensors: Callable[[list[PILImage.Image], list[int] | None], list[torch.Tensor]],
 ) -> Callable[[dict], dict]:
-    """`set_transform` function: decode, convert to RGB and transform a batch; undecodable images are dropped."""
+    """`set_transform` function: decode, convert to RGB and transform a batch; undecodable images are dropped.
+
+    `images_to_tensors` gets the images and their `sample_index` values (`None` without that column).
+    """
 
     def transform(batch: dict) -> dict:
-        images, labels = [], []
-        for value, label in zip(batch["image"], batch["label"]):
+        images, labels, indices = [], [], []
+        sample_indices = batch.get("sample_index", [None] * len(batch["label"]))
+        for value, label, index in zip(batch["image"], batch["label"], sample_indices):
             try:
                 images.append(load_rgb(value))
             except Exception as error:  # a corrupt file must not kill a data-loader worker
@@ -422,7 +466,9 @@ def make_batch_transform(
                 logger.warning(f"Skipping an undecodable image {where if isinstance(where, str) else ''}: {error}")
                 continue
             labels.append(label)
-        return {"pixel_values": images_to_tensors(images) if images else [], "labels": labels}
+            indices.append(index)
+        pixel_values = images_to_tensors(images, indices if "sample_index" in batch else None) if images else []
+        return {"pixel_values": pixel_values, "labels": labels}
 
     return transform
 
@@ -555,13 +601,22 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         interpolation="bicubic", mean=tuple(processor.image_mean), std=tuple(processor.image_std),
         re_prob=recipe_args.reprob, re_mode="pixel", re_count=1,
     )
-    train_fn = make_batch_transform(lambda images: [train_transform(image) for image in images])
-    eval_fn = make_batch_transform(lambda images: list(processor(images=images, return_tensors="pt").pixel_values))
+    augmentation = SeededAugmentation(train_transform, training_args.seed)
+    train_fn = make_batch_transform(
+        lambda images, indices: [
+            train_transform(image) if indices is None else augmentation(image, index)
+            for image, index in zip(images, indices or [None] * len(images))
+        ]
+    )
+    eval_fn = make_batch_transform(
+        lambda images, indices: list(processor(images=images, return_tensors="pt").pixel_values)
+    )
     if data_args.streaming:
         train_dataset = splits["train"].map(train_fn, batched=True, remove_columns=["image", "label"])
         eval_dataset = splits["validation"].map(eval_fn, batched=True, remove_columns=["image", "label"])
     else:
-        train_dataset = splits["train"].with_transform(train_fn)
+        train = splits["train"]
+        train_dataset = train.add_column("sample_index", list(range(len(train)))).with_transform(train_fn)
         eval_dataset = splits["validation"].with_transform(eval_fn)
 
     # Official linear scaling: every LR of the recipe is for a total batch of `lr_reference_batch_size`.
@@ -592,10 +647,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             switch_prob=recipe_args.mixup_switch_prob, label_smoothing=training_args.label_smoothing_factor,
             num_classes=len(class_names),
         )
-        training_args.dataloader_drop_last = True
 
     resume = training_args.resume_from_checkpoint
-    if resume is None and training_args.do_train is not False and not recipe_args.ignore_checkpoints:
+    if resume is None and not recipe_args.ignore_checkpoints:
         resume = find_resume_checkpoint(training_args.output_dir, recipe_args.model_ema_decay > 0)
     if resume is not None:
         logger.info(f"Resuming from {resume}")
@@ -607,7 +661,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     trainer = InternImageTrainer(
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         data_collator=collate, processing_class=processor, compute_metrics=compute_metrics,
-        preprocess_logits_for_metrics=keep_top5, callbacks=[ema_callback] if ema_callback else None,
+        preprocess_logits_for_metrics=keep_top5,
+        callbacks=[AugmentationEpochCallback(augmentation)] + ([ema_callback] if ema_callback else []),
         layer_decay=recipe_args.layer_decay, dcn_lr_multiplier=recipe_args.dcn_lr_multiplier,
         warmup_steps=warmup_steps, warmup_lr=recipe_args.warmup_lr * lr_scale, min_lr=recipe_args.min_lr * lr_scale,
         mixup=mixup, ema_callback=ema_callback,
