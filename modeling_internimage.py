@@ -38,6 +38,15 @@ def _to_channels_last(hidden_states: torch.Tensor) -> torch.Tensor:
     return hidden_states.permute(0, 2, 3, 1)
 
 
+def _softmax_last_dim(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last dimension. On CPU, `torch.softmax` is slow for the short rows (P = 9) of the DCNv3
+    masks, so there it runs as a few whole-tensor passes (the max is a constant shift and needs no gradient)."""
+    if logits.device.type != "cpu":
+        return logits.softmax(-1)
+    exponentials = (logits - logits.amax(-1, keepdim=True).detach()).exp()
+    return exponentials / exponentials.sum(-1, keepdim=True)
+
+
 class InternImageDropPath(nn.Module):
     """Stochastic depth per sample on the residual branch; identity in eval mode or with rate 0."""
 
@@ -128,7 +137,7 @@ class InternImageDCNv3(nn.Module):
         features = _to_channels_last(self.dw_conv(_to_channels_first(hidden_states)))
         features = self.dw_act(self.dw_norm(features))
         offset = self.offset(features)
-        mask = self.mask(features).view(batch, height, width, self.groups, self.num_points).softmax(-1)
+        mask = _softmax_last_dim(self.mask(features).view(batch, height, width, self.groups, self.num_points))
         mask = mask.view(batch, height, width, -1).to(values.dtype)
         pad = (self.kernel_size - 1) // 2
         output = dcnv3_core(
@@ -136,9 +145,10 @@ class InternImageDCNv3(nn.Module):
             self.groups, self.group_channels, self.offset_scale, self.remove_center, backend=self.backend,
         )
         if self.center_feature_scale_proj is not None:
-            scale = self.center_feature_scale_proj(features).sigmoid()
-            scale = scale.repeat_interleave(self.group_channels, dim=-1)
-            output = output * (1 - scale) + values * scale
+            # Per group: output * (1 - scale) + values * scale.
+            scale = self.center_feature_scale_proj(features).sigmoid().unsqueeze(-1)
+            grouped = (batch, height, width, self.groups, self.group_channels)
+            output = torch.lerp(output.view(grouped), values.view(grouped), scale.to(values.dtype)).flatten(-2)
         return self.output_proj(output)
 
 
