@@ -373,6 +373,12 @@ class InternImagePreTrainedModel(PreTrainedModel):
     _no_split_modules = ["InternImageLayer", "InternImageStem", "InternImageDownsample"]
     _supports_sdpa = False
 
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        # For custom code, transformers treats a module without parameters of its own as already initialised; the
+        # DCNv3 module has none but must re-initialise its children (zero offsets/masks, Xavier projections).
+        # Loaded tensors stay untouched either way: the `init` functions skip them.
+        super()._initialize_weights(module, is_custom_code=is_custom_code and not isinstance(module, InternImageDCNv3))
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """Linear: truncated normal, LayerNorm: (1, 0), convolutions and BatchNorm: PyTorch defaults, DCNv3:
