@@ -16,6 +16,7 @@ fine-tuning `--model_name_or_path`); any argument given explicitly wins over the
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import io
 import json
 import logging
@@ -74,6 +75,7 @@ _OFFICIAL = {
     "auto_augment": "rand-m9-mstd0.5-inc1", "color_jitter": 0.4, "hflip": 0.5, "crop_scale_min": 0.08,
     "model_ema_decay": 0.9999, "eval_strategy": "epoch", "save_strategy": "epoch", "save_total_limit": 2,
     "logging_steps": 50, "dataloader_num_workers": 8, "per_device_eval_batch_size": 128,
+    "report_to": "tensorboard" if importlib.util.find_spec("tensorboard") else "none",
 }
 RECIPES = {
     "in1k": {
