@@ -18,11 +18,13 @@ import subprocess
 import sys
 import unittest
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers.models.auto import modeling_auto
 
 ROOT = Path(__file__).resolve().parents[1]
 for path in (ROOT, ROOT / "tests"):
@@ -154,6 +156,22 @@ class InternImageModelTest(COMMON.ModelTesterMixin, unittest.TestCase):
     has_attentions = False
     test_resize_embeddings = False
     test_torch_exportable = False
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        super().setUpClass()
+        # The mixin tells base models from task heads by transformers' auto mappings; register InternImage in them
+        # for this class only, as if it were a model inside transformers.
+        for names, class_name in (
+            (modeling_auto.MODEL_MAPPING_NAMES, "InternImageModel"),
+            (modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES, "InternImageForImageClassification"),
+        ):
+            patcher = mock.patch.dict(names, {InternImageConfig.model_type: class_name})
+            patcher.start()
+            cls.addClassCleanup(patcher.stop)
+        patcher = mock.patch.dict(modeling_auto.MODEL_MAPPING._extra_content, {InternImageConfig: InternImageModel})
+        patcher.start()
+        cls.addClassCleanup(patcher.stop)
 
     def setUp(self) -> None:
         self.model_tester = InternImageModelTester(self)
