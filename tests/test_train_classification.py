@@ -444,3 +444,27 @@ def test_argument_file_and_command_line_take_precedence_over_the_recipe(tmp_path
     assert model_args.architecture == "internimage_t_1k_224" and training_args.max_grad_norm == 5.0
     with pytest.raises(ValueError, match="--recipe 'imagenet' is unknown"):
         train_classification.parse_arguments(["--recipe", "imagenet"])
+
+
+def test_dataset_folder_through_datasets_decodes_late_and_drops_corrupt_images(tmp_path, caplog):
+    """`--dataset_name <local folder>` goes through `datasets` (the Hub path): images stay encoded until the
+    transform, which converts modes and drops an undecodable image with a warning instead of failing the batch."""
+    crops = iter(photo_crops(12))
+    for split in ("train", "val"):
+        for name in ("cat", "dog"):
+            (tmp_path / split / name).mkdir(parents=True)
+            for index in range(3):
+                next(crops).convert("L" if index == 0 else "RGB").save(tmp_path / split / name / f"{index}.png")
+    (tmp_path / "val" / "dog" / "9.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    data_args = train_classification.DataArguments(dataset_name=str(tmp_path))
+    splits, class_names = train_classification.load_data(data_args, seed=0)
+    assert class_names == ["cat", "dog"] and len(splits["validation"]) == 7
+    assert isinstance(splits["validation"][0]["image"], dict)  # still encoded
+    processor = train_classification.default_image_processor(32)
+    transform = train_classification.make_batch_transform(
+        lambda images, indices: list(processor(images=images, return_tensors="pt").pixel_values)
+    )
+    batch = transform(splits["validation"][:])
+    assert len(batch["pixel_values"]) == len(batch["labels"]) == 6
+    assert batch["pixel_values"][0].shape == (3, 32, 32)
+    assert "Skipping an undecodable image" in caplog.text
