@@ -315,8 +315,10 @@ def test_single_label_loss_is_cross_entropy():
     torch.testing.assert_close(outputs.loss, F.cross_entropy(outputs.logits, labels))
 
 
-def test_multi_label_loss_is_binary_cross_entropy():
-    classifier = seeded(InternImageForImageClassification, tiny_config(problem_type="multi_label_classification"))
+@pytest.mark.parametrize("problem_type", [None, "multi_label_classification"])
+def test_multi_label_loss_is_binary_cross_entropy(problem_type):
+    """Float targets mean multi-label classification, also when `problem_type` is not set."""
+    classifier = seeded(InternImageForImageClassification, tiny_config(problem_type=problem_type))
     labels = (torch.rand(2, 10, generator=torch.Generator().manual_seed(1)) > 0.5).float()
     with torch.no_grad():
         outputs = classifier(pixels(), labels=labels)
