@@ -3,8 +3,8 @@
 The oracle (`tests/dcnv3_oracle.py`) is the official grid_sample formulation of the op inside the official DCNv3
 module forward; the model is otherwise the same instance (same weights, same stem, MLPs, norms and head), so the
 ratios measure the DCN core and the block forward code. Ours and the oracle run interleaved in one process, and
-each number is the median over `--reps` repetitions. Peak memory is the high-water mark of the tensors allocated
-during one forward (torch profiler memory events), on top of the weights and the input.
+each number is the median over `--reps` repetitions. Peak memory is the resident-memory high-water mark that one
+forward adds on top of the weights and the input (Linux: /proc/self/status after /proc/self/clear_refs).
 
     python benchmarks/bench_cpu.py                      # batch 8, 224x224, eager + torch.compile, op alone
     python benchmarks/bench_cpu.py --no-compile --reps 3
@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import functools
+import gc
 import statistics
 import sys
 import time
@@ -55,17 +57,22 @@ def build_models(image_size: int) -> tuple[torch.nn.Module, torch.nn.Module]:
     return model, oracle
 
 
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field + ":"))
+
+
 def peak_memory_mib(fn: Callable[[], object]) -> float:
-    """High-water mark (MiB) of the CPU memory allocated by tensors while `fn` runs."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-        fn()
-    # Allocations and frees inside an operator count towards its self memory, the others are "[memory]" events.
-    events = sorted(prof.events(), key=lambda e: e.time_range.start)
-    current = peak = 0
-    for event in events:
-        current += event.cpu_memory_usage if event.name == "[memory]" else event.self_cpu_memory_usage
-        peak = max(peak, current)
-    return peak / 2**20
+    """Peak resident memory (MiB) that `fn` adds: the kernel's high-water mark (VmHWM, reset through
+    /proc/self/clear_refs) minus the resident size before the call, after returning freed heap to the system.
+    Measured this way (not with allocator hooks) it also counts the buffers of torch.compile-generated code."""
+    gc.collect()
+    ctypes.CDLL(None).malloc_trim(0)
+    before = _status_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")
+    fn()
+    return (_status_kib("VmHWM") - before) / 1024
 
 
 def interleaved_medians(fns: dict[str, Callable[[], object]], reps: int) -> dict[str, float]:
