@@ -96,7 +96,7 @@ RECIPES = {
         "label_smoothing_factor": 0.1, "mixup": 0.0, "cutmix": 0.0, "reprob": 0.0, "auto_augment": "none",
         "color_jitter": 0.0, "hflip": 0.0, "crop_scale_min": 0.6, "model_ema_decay": 0.998, "model_ema_warmup": True,
         "eval_strategy": "no", "save_strategy": "epoch", "save_total_limit": 1, "logging_steps": 20,
-        "dataloader_num_workers": 0, "per_device_eval_batch_size": 256,
+        "dataloader_num_workers": 0, "per_device_eval_batch_size": 256, "cpu_threads": 1,
         "output_dir": "outputs/internimage-digits",
     },
 }
@@ -165,7 +165,7 @@ class RecipeArguments:
     warmup_epochs: float = field(default=0.0, metadata={"help": "Linear warmup length in epochs (per-step)."})
     warmup_lr: float = field(default=0.0, metadata={"help": "LR at the start of the warmup (absolute)."})
     min_lr: float = field(default=0.0, metadata={"help": "Floor of the cosine schedule (absolute)."})
-    layer_decay: float | None = field(default=None, metadata={"help": "Layer-wise LR decay ratio (off: none/1.0)."})
+    layer_decay: float | None = field(default=None, metadata={"help": "Layer-wise LR decay ratio (1.0: off)."})
     dcn_lr_multiplier: float = field(default=1.0, metadata={"help": "LR multiplier of DCNv3 offset/scale params."})
     auto_augment: str = field(default="none", metadata={"help": "timm auto-augment policy ('none': off)."})
     color_jitter: float = field(default=0.0, metadata={"help": "Colour jitter strength (used without auto-augment)."})
@@ -178,6 +178,13 @@ class RecipeArguments:
     mixup_switch_prob: float = field(default=0.5, metadata={"help": "Probability of CutMix when both are on."})
     model_ema_decay: float = field(default=0.0, metadata={"help": "EMA decay of the weights (0: no EMA)."})
     model_ema_warmup: bool = field(default=False, metadata={"help": "Ramp the EMA decay up over the first steps."})
+    cpu_threads: int = field(
+        default=0,
+        metadata={
+            "help": "torch intra-op threads on CPU (0: torch's default). The digits recipe uses 1: its small matrices "
+            "gain little from threads, and threads stall badly when other processes share the cores."
+        },
+    )
     ignore_checkpoints: bool = field(
         default=False, metadata={"help": "Start afresh even if output_dir holds checkpoint-* folders."}
     )
@@ -430,7 +437,7 @@ class SeededAugmentation:
         states = random.getstate(), np.random.get_state(), torch.get_rng_state()
         random.seed(sample_seed)
         np.random.seed(sample_seed)
-        torch.manual_seed(sample_seed)
+        torch.random.default_generator.manual_seed(sample_seed)  # CPU only: torch.manual_seed also seeds CUDA (slow)
         try:
             return self.transform(image)
         finally:
@@ -586,6 +593,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     """Train, save (EMA weights when enabled), evaluate; returns the evaluation metrics."""
     model_args, data_args, recipe_args, training_args = parse_arguments(argv)
     setup_logging(training_args)
+    if recipe_args.cpu_threads > 0:
+        torch.set_num_threads(recipe_args.cpu_threads)
     training_args.remove_unused_columns = False
     set_seed(training_args.seed)
 
@@ -605,9 +614,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         re_prob=recipe_args.reprob, re_mode="pixel", re_count=1,
     )
     augmentation = SeededAugmentation(train_transform, training_args.seed)
+    if training_args.dataloader_persistent_workers and training_args.dataloader_num_workers > 0:
+        logger.warning("Persistent workers do not see the epoch: augmentations are not seeded per epoch and sample")
+        augmentation = None
     train_fn = make_batch_transform(
         lambda images, indices: [
-            train_transform(image) if indices is None else augmentation(image, index)
+            train_transform(image) if indices is None or augmentation is None else augmentation(image, index)
             for image, index in zip(images, indices or [None] * len(images))
         ]
     )
@@ -660,12 +672,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     if recipe_args.model_ema_decay > 0:
         ema_callback = EMACallback(recipe_args.model_ema_decay, recipe_args.model_ema_warmup, resume)
 
+    callbacks = [ema_callback] if ema_callback else []
+    if augmentation is not None:
+        callbacks.append(AugmentationEpochCallback(augmentation))
     keep_top5, compute_metrics = top_k_metrics()
     trainer = InternImageTrainer(
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         data_collator=collate, processing_class=processor, compute_metrics=compute_metrics,
         preprocess_logits_for_metrics=keep_top5,
-        callbacks=[AugmentationEpochCallback(augmentation)] + ([ema_callback] if ema_callback else []),
+        callbacks=callbacks,
         layer_decay=recipe_args.layer_decay, dcn_lr_multiplier=recipe_args.dcn_lr_multiplier,
         warmup_steps=warmup_steps, warmup_lr=recipe_args.warmup_lr * lr_scale, min_lr=recipe_args.min_lr * lr_scale,
         mixup=mixup, ema_callback=ema_callback,

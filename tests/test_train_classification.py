@@ -203,7 +203,7 @@ def test_imagenet_folder_trains_and_saves_folder_names(tmp_path):
         tmp_path, "--data_path", str(root), "--architecture", "internimage_digits", "--image_size", "32",
         "--output_dir", str(out), "--max_steps", "3", "--per_device_train_batch_size", "4",
         "--per_device_eval_batch_size", "4", "--dataloader_num_workers", "1", "--save_strategy", "no",
-        "--eval_strategy", "no", "--disable_tqdm", "true",
+        "--eval_strategy", "no", "--disable_tqdm", "true", "--cpu_threads", "1",
     )
     assert "skipped 2 image(s)" in log
     config = read_json(out / "config.json")
