@@ -448,7 +448,8 @@ def test_argument_file_and_command_line_take_precedence_over_the_recipe(tmp_path
 
 def test_dataset_folder_through_datasets_decodes_late_and_drops_corrupt_images(tmp_path, caplog):
     """`--dataset_name <local folder>` goes through `datasets` (the Hub path): images stay encoded until the
-    transform, which converts modes and drops an undecodable image with a warning instead of failing the batch."""
+    transform, which converts modes and drops an undecodable image with a warning instead of failing the batch;
+    `--streaming` yields the same transformed examples."""
     crops = iter(photo_crops(12))
     for split in ("train", "val"):
         for name in ("cat", "dog"):
@@ -468,3 +469,8 @@ def test_dataset_folder_through_datasets_decodes_late_and_drops_corrupt_images(t
     assert len(batch["pixel_values"]) == len(batch["labels"]) == 6
     assert batch["pixel_values"][0].shape == (3, 32, 32)
     assert "Skipping an undecodable image" in caplog.text
+    streamed, _ = train_classification.load_data(
+        train_classification.DataArguments(dataset_name=str(tmp_path), streaming=True), seed=0
+    )
+    first = next(iter(streamed["train"].map(transform, batched=True, remove_columns=["image", "label"])))
+    assert first["pixel_values"].shape == (3, 32, 32) and first["labels"] in (0, 1)
