@@ -575,6 +575,72 @@ def top_k_metrics() -> tuple[Callable, Callable]:
     return keep_top5, compute_metrics
 
 
+def prepare_datasets(
+    splits: DatasetDict, processor: CLIPImageProcessor, recipe_args: RecipeArguments,
+    training_args: TrainingArguments, streaming: bool,
+) -> tuple[Dataset, Dataset, SeededAugmentation | None]:
+    """Training set with timm's augmentation (seeded per sample), evaluation set with the image processor."""
+    train_transform = create_transform(
+        input_size=processor.crop_size["height"], is_training=True, scale=(recipe_args.crop_scale_min, 1.0),
+        hflip=recipe_args.hflip, color_jitter=recipe_args.color_jitter,
+        auto_augment=None if recipe_args.auto_augment.lower() == "none" else recipe_args.auto_augment,
+        interpolation="bicubic", mean=tuple(processor.image_mean), std=tuple(processor.image_std),
+        re_prob=recipe_args.reprob, re_mode="pixel", re_count=1,
+    )
+    augmentation = SeededAugmentation(train_transform, training_args.seed)
+    if training_args.dataloader_persistent_workers and training_args.dataloader_num_workers > 0:
+        logger.warning("Persistent workers do not see the epoch: augmentations are not seeded per epoch and sample")
+        augmentation = None
+
+    def augment(images: list[PILImage.Image], indices: list[int] | None) -> list[torch.Tensor]:
+        if indices is None or augmentation is None:
+            return [train_transform(image) for image in images]
+        return [augmentation(image, index) for image, index in zip(images, indices)]
+
+    def preprocess(images: list[PILImage.Image], indices: list[int] | None) -> list[torch.Tensor]:
+        return list(processor(images=images, return_tensors="pt").pixel_values)
+
+    train_fn, eval_fn = make_batch_transform(augment), make_batch_transform(preprocess)
+    if streaming:
+        columns = ["image", "label"]
+        return (
+            splits["train"].map(train_fn, batched=True, remove_columns=columns),
+            splits["validation"].map(eval_fn, batched=True, remove_columns=columns),
+            None,
+        )
+    train = splits["train"].add_column("sample_index", list(range(len(splits["train"]))))
+    return train.with_transform(train_fn), splits["validation"].with_transform(eval_fn), augmentation
+
+
+def scale_learning_rates(
+    training_args: TrainingArguments, recipe_args: RecipeArguments, train_size: int | None
+) -> tuple[float, int]:
+    """Apply the official linear scaling to `learning_rate` (in place); returns the factor and the warmup steps.
+
+    Every LR of the recipe is for a total batch of `lr_reference_batch_size`; `train_size=None` (streaming) needs
+    `--warmup_steps` instead of `--warmup_epochs`.
+    """
+    total_batch = (
+        training_args.per_device_train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps
+    )
+    lr_scale = total_batch / recipe_args.lr_reference_batch_size if recipe_args.lr_reference_batch_size else 1.0
+    training_args.learning_rate *= lr_scale
+    if training_args.warmup_steps > 0:
+        warmup_steps = int(training_args.warmup_steps)
+    elif train_size is None:
+        warmup_steps = 0
+        logger.warning("Streaming data has no epoch length: --warmup_epochs is ignored, use --warmup_steps")
+    else:
+        per_process = math.ceil(train_size / training_args.world_size)
+        batches_per_epoch = per_process // training_args.per_device_train_batch_size
+        warmup_steps = round(recipe_args.warmup_epochs * batches_per_epoch / training_args.gradient_accumulation_steps)
+    logger.info(
+        f"Total batch {total_batch}: peak LR {training_args.learning_rate:.3g} (x{lr_scale:.4g}), warmup "
+        f"{warmup_steps} steps from {recipe_args.warmup_lr * lr_scale:.3g}, floor {recipe_args.min_lr * lr_scale:.3g}"
+    )
+    return lr_scale, warmup_steps
+
+
 def setup_logging(training_args: TrainingArguments) -> None:
     """Script messages at INFO on the main process; library verbosity from `--log_level` (default: warnings)."""
     logging.basicConfig(
@@ -600,59 +666,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
     splits, class_names = load_data(data_args, training_args.seed)
     model, processor = build_model(model_args, class_names)
-    image_size = processor.crop_size["height"]
     logger.info(
         f"InternImage with {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {len(class_names)} "
-        f"classes, {image_size}px; train/eval: {splits['train']}, {splits['validation']}"
+        f"classes, {processor.crop_size['height']}px; train/eval: {splits['train']}, {splits['validation']}"
     )
 
-    train_transform = create_transform(
-        input_size=image_size, is_training=True, scale=(recipe_args.crop_scale_min, 1.0), hflip=recipe_args.hflip,
-        color_jitter=recipe_args.color_jitter,
-        auto_augment=None if recipe_args.auto_augment.lower() == "none" else recipe_args.auto_augment,
-        interpolation="bicubic", mean=tuple(processor.image_mean), std=tuple(processor.image_std),
-        re_prob=recipe_args.reprob, re_mode="pixel", re_count=1,
+    train_dataset, eval_dataset, augmentation = prepare_datasets(
+        splits, processor, recipe_args, training_args, data_args.streaming
     )
-    augmentation = SeededAugmentation(train_transform, training_args.seed)
-    if training_args.dataloader_persistent_workers and training_args.dataloader_num_workers > 0:
-        logger.warning("Persistent workers do not see the epoch: augmentations are not seeded per epoch and sample")
-        augmentation = None
-    train_fn = make_batch_transform(
-        lambda images, indices: [
-            train_transform(image) if indices is None or augmentation is None else augmentation(image, index)
-            for image, index in zip(images, indices or [None] * len(images))
-        ]
-    )
-    eval_fn = make_batch_transform(
-        lambda images, indices: list(processor(images=images, return_tensors="pt").pixel_values)
-    )
-    if data_args.streaming:
-        train_dataset = splits["train"].map(train_fn, batched=True, remove_columns=["image", "label"])
-        eval_dataset = splits["validation"].map(eval_fn, batched=True, remove_columns=["image", "label"])
-    else:
-        train = splits["train"]
-        train_dataset = train.add_column("sample_index", list(range(len(train)))).with_transform(train_fn)
-        eval_dataset = splits["validation"].with_transform(eval_fn)
-
-    # Official linear scaling: every LR of the recipe is for a total batch of `lr_reference_batch_size`.
-    total_batch = (
-        training_args.per_device_train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps
-    )
-    lr_scale = total_batch / recipe_args.lr_reference_batch_size if recipe_args.lr_reference_batch_size else 1.0
-    training_args.learning_rate *= lr_scale
-    if training_args.warmup_steps > 0:
-        warmup_steps = int(training_args.warmup_steps)
-    elif data_args.streaming:
-        warmup_steps = 0
-        logger.warning("Streaming data has no epoch length: --warmup_epochs is ignored, use --warmup_steps")
-    else:
-        batches_per_epoch = math.ceil(len(splits["train"]) / training_args.world_size) // (
-            training_args.per_device_train_batch_size
-        )
-        warmup_steps = round(recipe_args.warmup_epochs * batches_per_epoch / training_args.gradient_accumulation_steps)
-    logger.info(
-        f"Total batch {total_batch}: peak LR {training_args.learning_rate:.3g} (x{lr_scale:.4g}), warmup "
-        f"{warmup_steps} steps from {recipe_args.warmup_lr * lr_scale:.3g}, floor {recipe_args.min_lr * lr_scale:.3g}"
+    lr_scale, warmup_steps = scale_learning_rates(
+        training_args, recipe_args, None if data_args.streaming else len(splits["train"])
     )
 
     mixup = None
@@ -679,8 +702,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     trainer = InternImageTrainer(
         model=model, args=training_args, train_dataset=train_dataset, eval_dataset=eval_dataset,
         data_collator=collate, processing_class=processor, compute_metrics=compute_metrics,
-        preprocess_logits_for_metrics=keep_top5,
-        callbacks=callbacks,
+        preprocess_logits_for_metrics=keep_top5, callbacks=callbacks,
         layer_decay=recipe_args.layer_decay, dcn_lr_multiplier=recipe_args.dcn_lr_multiplier,
         warmup_steps=warmup_steps, warmup_lr=recipe_args.warmup_lr * lr_scale, min_lr=recipe_args.min_lr * lr_scale,
         mixup=mixup, ema_callback=ema_callback,
