@@ -124,7 +124,11 @@ def dcnv3_core_pytorch(
     x, y = x.clamp(0, width + 1), y.clamp(0, height + 1)
     image_group = torch.arange(batch * group, device=input.device, dtype=index_dtype) * (table_h * table_w)
     image_group = image_group.view(batch, 1, 1, group, 1).expand(batch, 1, 1, group, num_points)
-    rows = torch.add(x.to(index_dtype), y.to(index_dtype), alpha=table_w).add_(image_group).view(-1, num_points)
+    # Pixel index in floating point (exact below 2**24 in float32), one integer conversion: compiled, this keeps the
+    # fused index kernel vectorised.
+    pixel_dtype = x.dtype if table_h * table_w <= 2**24 else torch.float64
+    pixel = torch.add(x.trunc().to(pixel_dtype), y.trunc().to(pixel_dtype), alpha=table_w)
+    rows = pixel.to(index_dtype).add_(image_group).view(-1, num_points)
 
     mask = mask.view(batch, height_out, width_out, group, num_points).to(position_dtype)
     frac_x = torch.frac(x)
