@@ -1,12 +1,389 @@
-"""Triton DCNv3 kernels (placeholder until the Triton backend lands)."""
+"""DCNv3 core as Triton kernels (forward and backward), registered as `torch.library` custom ops.
+
+Same layouts and semantics as `dcnv3_ops.dcnv3_core_pytorch`: `input` (N, H, W, G*Cg) channels-last, `offset`
+(N, H_out, W_out, G*P*2) with (dx, dy) pairs, `mask` (N, H_out, W_out, G*P), output (N, H_out, W_out, G*Cg);
+points ordered x-outer, y-inner; bilinear sampling with zeros outside the image.
+
+One program handles a tile of `BLOCK_W` output pixels of one row, for one group: it walks all P points and reads
+the four corner rows of `Cg` channels per point (channels padded to a power of two and masked). Positions,
+weights and sums are computed in float32 (float64 for float64 inputs) whatever the input dtypes; the input
+gradient is accumulated with atomics into a float32 (float64) buffer and cast at the end. Offsets into the
+input are int64, so tensors above 2**31 elements are safe.
+
+The kernels run on CUDA tensors, or on CPU tensors under the Triton interpreter (`TRITON_INTERPRET=1`, read when
+this module is imported), where autotuning is reduced to a single configuration.
+"""
+
+from __future__ import annotations
+
+import os
 
 import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the module still imports; `is_available()` says False
+    triton = None
+
+INTERPRETING = os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def is_available() -> bool:
     """Whether the Triton kernels can be used (triton importable)."""
-    return False
+    return triton is not None
 
 
-def dcnv3_triton(input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, *args) -> torch.Tensor:
-    raise RuntimeError("The Triton DCNv3 backend is not available")
+def _check_device(tensor: torch.Tensor) -> None:
+    if tensor.device.type != "cuda" and not (tensor.device.type == "cpu" and INTERPRETING):
+        raise RuntimeError(
+            f"The Triton DCNv3 kernels run on CUDA tensors (or on CPU with TRITON_INTERPRET=1 set before import), "
+            f"got {tensor.device.type} tensors; use the 'pytorch' backend instead"
+        )
+
+
+if triton is not None:
+
+    def _autotune_configs() -> list:
+        """A few tile widths and warp counts; a single one in the interpreter (which cannot benchmark)."""
+        if INTERPRETING:
+            return [triton.Config({"BLOCK_W": 8}, num_warps=1)]
+        return [
+            triton.Config({"BLOCK_W": block_w}, num_warps=num_warps)
+            for block_w in (4, 8, 16, 32)
+            for num_warps in (2, 4)
+        ]
+
+    _AUTOTUNE_KEY = ["width_out", "height_out", "group_channels", "group", "NUM_POINTS_KEY", "BLOCK_C"]
+
+    @triton.jit
+    def _tile_coordinates(width_out, height_out, BLOCK_W: tl.constexpr):
+        """Batch index (int64), output row, and the (BLOCK_W,) output columns with their validity."""
+        tile = tl.program_id(0).to(tl.int64)
+        num_w_blocks = tl.cdiv(width_out, BLOCK_W)
+        w_block = tile % num_w_blocks
+        row = tile // num_w_blocks
+        h_out = row % height_out
+        n = row // height_out
+        w_out = w_block * BLOCK_W + tl.arange(0, BLOCK_W)
+        return n, h_out, w_out, w_out < width_out
+
+    @triton.jit
+    def _sampling_point(
+        offset_ptr, mask_ptr, offset_rows, mask_rows, w_valid, point, tap_x, tap_y, base_x, base_y,
+        offset_scale, height, width, ACC_DTYPE: tl.constexpr,
+    ):
+        """Floor corner (x0, y0), fractions (fx, fy), mask weight of one point for the tile, each (BLOCK_W,)."""
+        dx = tl.load(offset_ptr + offset_rows + 2 * point, mask=w_valid, other=0.0).to(ACC_DTYPE)
+        dy = tl.load(offset_ptr + offset_rows + 2 * point + 1, mask=w_valid, other=0.0).to(ACC_DTYPE)
+        weight = tl.load(mask_ptr + mask_rows + point, mask=w_valid, other=0.0).to(ACC_DTYPE)
+        x = (base_x + offset_scale * tap_x) + offset_scale * dx
+        y = (base_y + offset_scale * tap_y) + offset_scale * dy
+        # Clamping only moves points whose four corners are all outside the image; it keeps the int cast safe.
+        x = tl.minimum(tl.maximum(x, -2.0), width + 1.0)
+        y = tl.minimum(tl.maximum(y, -2.0), height + 1.0)
+        x_floor = tl.floor(x)
+        y_floor = tl.floor(y)
+        return x_floor.to(tl.int32), y_floor.to(tl.int32), x - x_floor, y - y_floor, weight
+
+    @triton.jit
+    def _corner(image_base, x, y, height, width, channels, channel_ids, channel_valid, w_valid):
+        """Element offsets (BLOCK_W, BLOCK_C) of the pixel (y, x) rows and the mask of those inside the image."""
+        inside = w_valid & (x >= 0) & (x < width) & (y >= 0) & (y < height)
+        pixel = (y.to(tl.int64) * width + x) * channels
+        return image_base + pixel[:, None] + channel_ids[None, :], inside[:, None] & channel_valid[None, :]
+
+    @triton.autotune(configs=_autotune_configs(), key=_AUTOTUNE_KEY)
+    @triton.jit
+    def _dcnv3_forward_kernel(
+        input_ptr, offset_ptr, mask_ptr, output_ptr,
+        height, width, height_out, width_out, group, group_channels,
+        stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, center_h, center_w, offset_scale,
+        NUM_POINTS_KEY,
+        KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, REMOVE_CENTER: tl.constexpr,
+        BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_W: tl.constexpr,
+    ):
+        num_points: tl.constexpr = KERNEL_H * KERNEL_W - REMOVE_CENTER
+        center_point: tl.constexpr = (KERNEL_H * KERNEL_W - 1) // 2
+        g = tl.program_id(1)
+        n, h_out, w_out, w_valid = _tile_coordinates(width_out, height_out, BLOCK_W)
+        channels = group * group_channels
+        channel_ids = tl.arange(0, BLOCK_C)
+        channel_valid = channel_ids < group_channels
+        image_base = n * height * width * channels + g * group_channels
+        out_pixels = (n * height_out + h_out) * width_out + w_out
+        offset_rows = (out_pixels * group + g) * (num_points * 2)
+        mask_rows = (out_pixels * group + g) * num_points
+        base_x = (center_w - pad_w + stride_w * w_out).to(ACC_DTYPE)
+        base_y = (center_h - pad_h + stride_h * h_out).to(ACC_DTYPE)
+        acc = tl.zeros((BLOCK_W, BLOCK_C), dtype=ACC_DTYPE)
+        for i in tl.static_range(KERNEL_W):
+            for j in tl.static_range(KERNEL_H):
+                if not (REMOVE_CENTER and i * KERNEL_H + j == center_point):
+                    point: tl.constexpr = i * KERNEL_H + j - (REMOVE_CENTER and i * KERNEL_H + j > center_point)
+                    x0, y0, fx, fy, weight = _sampling_point(
+                        offset_ptr, mask_ptr, offset_rows, mask_rows, w_valid, point,
+                        dilation_w * i - center_w, dilation_h * j - center_h, base_x, base_y,
+                        offset_scale, height, width, ACC_DTYPE,
+                    )
+                    bottom = weight * fy
+                    top = weight - bottom
+                    for corner_y, corner_x, corner_weight in (
+                        (y0, x0, top - top * fx), (y0, x0 + 1, top * fx),
+                        (y0 + 1, x0, bottom - bottom * fx), (y0 + 1, x0 + 1, bottom * fx),
+                    ):
+                        ptrs, valid = _corner(
+                            image_base, corner_x, corner_y, height, width, channels, channel_ids, channel_valid, w_valid
+                        )
+                        values = tl.load(input_ptr + ptrs, mask=valid, other=0.0).to(ACC_DTYPE)
+                        acc += corner_weight[:, None] * values
+        out_ptrs = (out_pixels * channels + g * group_channels)[:, None] + channel_ids[None, :]
+        tl.store(output_ptr + out_ptrs, acc, mask=w_valid[:, None] & channel_valid[None, :])
+
+    @triton.autotune(configs=_autotune_configs(), key=_AUTOTUNE_KEY, reset_to_zero=["grad_input_ptr"])
+    @triton.jit
+    def _dcnv3_backward_kernel(
+        input_ptr, offset_ptr, mask_ptr, grad_output_ptr, grad_input_ptr, grad_offset_ptr, grad_mask_ptr,
+        height, width, height_out, width_out, group, group_channels,
+        stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, center_h, center_w, offset_scale,
+        NUM_POINTS_KEY,
+        KERNEL_H: tl.constexpr, KERNEL_W: tl.constexpr, REMOVE_CENTER: tl.constexpr,
+        BLOCK_C: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_W: tl.constexpr,
+    ):
+        num_points: tl.constexpr = KERNEL_H * KERNEL_W - REMOVE_CENTER
+        center_point: tl.constexpr = (KERNEL_H * KERNEL_W - 1) // 2
+        g = tl.program_id(1)
+        n, h_out, w_out, w_valid = _tile_coordinates(width_out, height_out, BLOCK_W)
+        channels = group * group_channels
+        channel_ids = tl.arange(0, BLOCK_C)
+        channel_valid = channel_ids < group_channels
+        image_base = n * height * width * channels + g * group_channels
+        out_pixels = (n * height_out + h_out) * width_out + w_out
+        offset_rows = (out_pixels * group + g) * (num_points * 2)
+        mask_rows = (out_pixels * group + g) * num_points
+        base_x = (center_w - pad_w + stride_w * w_out).to(ACC_DTYPE)
+        base_y = (center_h - pad_h + stride_h * h_out).to(ACC_DTYPE)
+        out_ptrs = (out_pixels * channels + g * group_channels)[:, None] + channel_ids[None, :]
+        tile_valid = w_valid[:, None] & channel_valid[None, :]
+        grad_output = tl.load(grad_output_ptr + out_ptrs, mask=tile_valid, other=0.0).to(ACC_DTYPE)
+        for i in tl.static_range(KERNEL_W):
+            for j in tl.static_range(KERNEL_H):
+                if not (REMOVE_CENTER and i * KERNEL_H + j == center_point):
+                    point: tl.constexpr = i * KERNEL_H + j - (REMOVE_CENTER and i * KERNEL_H + j > center_point)
+                    x0, y0, fx, fy, weight = _sampling_point(
+                        offset_ptr, mask_ptr, offset_rows, mask_rows, w_valid, point,
+                        dilation_w * i - center_w, dilation_h * j - center_h, base_x, base_y,
+                        offset_scale, height, width, ACC_DTYPE,
+                    )
+                    ptrs_tl, valid_tl = _corner(
+                        image_base, x0, y0, height, width, channels, channel_ids, channel_valid, w_valid
+                    )
+                    ptrs_tr, valid_tr = _corner(
+                        image_base, x0 + 1, y0, height, width, channels, channel_ids, channel_valid, w_valid
+                    )
+                    ptrs_bl, valid_bl = _corner(
+                        image_base, x0, y0 + 1, height, width, channels, channel_ids, channel_valid, w_valid
+                    )
+                    ptrs_br, valid_br = _corner(
+                        image_base, x0 + 1, y0 + 1, height, width, channels, channel_ids, channel_valid, w_valid
+                    )
+                    top_left = tl.load(input_ptr + ptrs_tl, mask=valid_tl, other=0.0).to(ACC_DTYPE)
+                    top_right = tl.load(input_ptr + ptrs_tr, mask=valid_tr, other=0.0).to(ACC_DTYPE)
+                    bottom_left = tl.load(input_ptr + ptrs_bl, mask=valid_bl, other=0.0).to(ACC_DTYPE)
+                    bottom_right = tl.load(input_ptr + ptrs_br, mask=valid_br, other=0.0).to(ACC_DTYPE)
+                    gx = fx[:, None]
+                    gy = fy[:, None]
+                    top = top_left + gx * (top_right - top_left)
+                    bottom = bottom_left + gx * (bottom_right - bottom_left)
+                    sampled = top + gy * (bottom - top)
+                    d_dx = (1.0 - gy) * (top_right - top_left) + gy * (bottom_right - bottom_left)
+                    d_dy = bottom - top
+                    scaled_weight = weight * offset_scale
+                    tl.store(grad_mask_ptr + mask_rows + point, tl.sum(grad_output * sampled, axis=1), mask=w_valid)
+                    tl.store(
+                        grad_offset_ptr + offset_rows + 2 * point,
+                        scaled_weight * tl.sum(grad_output * d_dx, axis=1),
+                        mask=w_valid,
+                    )
+                    tl.store(
+                        grad_offset_ptr + offset_rows + 2 * point + 1,
+                        scaled_weight * tl.sum(grad_output * d_dy, axis=1),
+                        mask=w_valid,
+                    )
+                    bottom_weight = weight * fy
+                    top_weight = weight - bottom_weight
+                    tl.atomic_add(
+                        grad_input_ptr + ptrs_tl, (top_weight - top_weight * fx)[:, None] * grad_output, mask=valid_tl
+                    )
+                    tl.atomic_add(grad_input_ptr + ptrs_tr, (top_weight * fx)[:, None] * grad_output, mask=valid_tr)
+                    tl.atomic_add(
+                        grad_input_ptr + ptrs_bl,
+                        (bottom_weight - bottom_weight * fx)[:, None] * grad_output,
+                        mask=valid_bl,
+                    )
+                    tl.atomic_add(
+                        grad_input_ptr + ptrs_br, (bottom_weight * fx)[:, None] * grad_output, mask=valid_br
+                    )
+
+
+def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _launch_settings(
+    input: torch.Tensor, height_out: int, width_out: int, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int,
+    pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int, group_channels: int, offset_scale: float,
+    remove_center: int,
+) -> tuple:
+    """Grid, runtime scalars and constexpr keywords shared by the forward and backward launches."""
+    batch, height, width, _ = input.shape
+
+    def grid(meta: dict) -> tuple[int, int]:
+        return batch * height_out * triton.cdiv(width_out, meta["BLOCK_W"]), group
+
+    scalars = (
+        height, width, height_out, width_out, group, group_channels,
+        stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+        (dilation_h * (kernel_h - 1)) // 2, (dilation_w * (kernel_w - 1)) // 2, float(offset_scale),
+        kernel_h * kernel_w - remove_center,
+    )
+    constexprs = {
+        "KERNEL_H": kernel_h,
+        "KERNEL_W": kernel_w,
+        "REMOVE_CENTER": remove_center,
+        "BLOCK_C": triton.next_power_of_2(group_channels),
+        "ACC_DTYPE": tl.float64 if input.dtype == torch.float64 else tl.float32,
+    }
+    return grid, scalars, constexprs
+
+
+def _output_size(size: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
+    return (size + 2 * pad - (dilation * (kernel - 1) + 1)) // stride + 1
+
+
+def _validate(
+    input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int, stride_h: int,
+    stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int, group_channels: int,
+    remove_center: int,
+) -> tuple[int, int]:
+    """Checks shapes and devices; returns (H_out, W_out)."""
+    if input.dim() != 4 or input.shape[-1] != group * group_channels:
+        raise ValueError(
+            f"input must be (N, H, W, group * group_channels = {group * group_channels}), got {tuple(input.shape)}"
+        )
+    if not input.is_floating_point():
+        raise ValueError(f"input must be a floating tensor, got {input.dtype}")
+    batch, height, width, _ = input.shape
+    height_out = _output_size(height, kernel_h, stride_h, pad_h, dilation_h)
+    width_out = _output_size(width, kernel_w, stride_w, pad_w, dilation_w)
+    num_points = kernel_h * kernel_w - remove_center
+    for name, tensor, last in (("offset", offset, group * num_points * 2), ("mask", mask, group * num_points)):
+        expected = (batch, height_out, width_out, last)
+        if tuple(tensor.shape) != expected:
+            raise ValueError(f"{name} must have shape {expected} for these arguments, got {tuple(tensor.shape)}")
+        if tensor.device != input.device:
+            raise ValueError(f"{name} is on {tensor.device} but input is on {input.device}; move them together")
+    _check_device(input)
+    return height_out, width_out
+
+
+if triton is not None:
+
+    @torch.library.custom_op("internimage::dcnv3_triton_forward", mutates_args=())
+    def dcnv3_triton_forward(
+        input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int, stride_h: int,
+        stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int, group_channels: int,
+        offset_scale: float, remove_center: int,
+    ) -> torch.Tensor:
+        """DCNv3 forward: input (N, H, W, G*Cg), offset (N, H_out, W_out, G*P*2), mask (N, H_out, W_out, G*P)
+        -> (N, H_out, W_out, G*Cg) in the input dtype."""
+        arguments = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group)
+        height_out, width_out = _validate(input, offset, mask, *arguments, group_channels, remove_center)
+        input, offset, mask = input.contiguous(), offset.contiguous(), mask.contiguous()
+        output = input.new_empty(input.shape[0], height_out, width_out, input.shape[-1])
+        if output.numel() == 0:
+            return output.zero_()
+        grid, scalars, constexprs = _launch_settings(
+            input, height_out, width_out, *arguments, group_channels, offset_scale, remove_center
+        )
+        _dcnv3_forward_kernel[grid](input, offset, mask, output, *scalars, **constexprs)
+        return output
+
+    @dcnv3_triton_forward.register_fake
+    def _(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, *_):
+        height_out = _output_size(input.shape[1], kernel_h, stride_h, pad_h, dilation_h)
+        width_out = _output_size(input.shape[2], kernel_w, stride_w, pad_w, dilation_w)
+        return input.new_empty(input.shape[0], height_out, width_out, input.shape[-1])
+
+    @torch.library.custom_op("internimage::dcnv3_triton_backward", mutates_args=())
+    def dcnv3_triton_backward(
+        grad_output: torch.Tensor, input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int,
+        kernel_w: int, stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int,
+        group: int, group_channels: int, offset_scale: float, remove_center: int,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Gradients (input, offset, mask), each in its tensor's dtype, of the forward for `grad_output`."""
+        arguments = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group)
+        height_out, width_out = _validate(input, offset, mask, *arguments, group_channels, remove_center)
+        input, offset, mask = input.contiguous(), offset.contiguous(), mask.contiguous()
+        grad_output = grad_output.contiguous()
+        grad_input = torch.zeros(input.shape, dtype=_accumulation_dtype(input.dtype), device=input.device)
+        grad_offset = torch.zeros_like(offset)
+        grad_mask = torch.zeros_like(mask)
+        if grad_output.numel() > 0:
+            grid, scalars, constexprs = _launch_settings(
+                input, height_out, width_out, *arguments, group_channels, offset_scale, remove_center
+            )
+            _dcnv3_backward_kernel[grid](
+                input, offset, mask, grad_output, grad_input, grad_offset, grad_mask, *scalars, **constexprs
+            )
+        return grad_input.to(input.dtype), grad_offset, grad_mask
+
+    @dcnv3_triton_backward.register_fake
+    def _(grad_output, input, offset, mask, *_):
+        return torch.empty_like(input), torch.empty_like(offset), torch.empty_like(mask)
+
+    def _setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
+        input, offset, mask, *arguments = inputs
+        ctx.save_for_backward(input, offset, mask)
+        ctx.arguments = arguments
+
+    def _backward(ctx, grad_output: torch.Tensor) -> tuple:
+        input, offset, mask = ctx.saved_tensors
+        grads = dcnv3_triton_backward(grad_output, input, offset, mask, *ctx.arguments)
+        return (*grads, *([None] * len(ctx.arguments)))
+
+    dcnv3_triton_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def dcnv3_triton(
+    input: torch.Tensor,
+    offset: torch.Tensor,
+    mask: torch.Tensor,
+    kernel_h: int,
+    kernel_w: int,
+    stride_h: int,
+    stride_w: int,
+    pad_h: int,
+    pad_w: int,
+    dilation_h: int,
+    dilation_w: int,
+    group: int,
+    group_channels: int,
+    offset_scale: float,
+    remove_center: int | bool,
+) -> torch.Tensor:
+    """DCNv3 core on the Triton kernels, differentiable w.r.t. input, offset and mask.
+
+    input (N, H, W, G*Cg), offset (N, H_out, W_out, G*P*2), mask (N, H_out, W_out, G*P) -> (N, H_out, W_out, G*Cg)
+    in the input dtype. offset and mask may have other floating dtypes (e.g. under autocast); all arithmetic is
+    float32 (float64 for float64 input).
+    """
+    if triton is None:
+        raise RuntimeError("The Triton DCNv3 kernels need the `triton` package: `pip install triton`")
+    return dcnv3_triton_forward(
+        input, offset, mask, int(kernel_h), int(kernel_w), int(stride_h), int(stride_w), int(pad_h), int(pad_w),
+        int(dilation_h), int(dilation_w), int(group), int(group_channels), float(offset_scale), int(remove_center),
+    )
+
+
+__all__ = ["dcnv3_triton", "is_available"]
