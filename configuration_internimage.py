@@ -6,6 +6,7 @@ import copy
 from typing import Any
 
 from transformers import PretrainedConfig
+from transformers.backbone_utils import BackboneConfigMixin
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -67,7 +68,7 @@ AUTO_MAP = {
 }
 
 
-class InternImageConfig(PretrainedConfig):
+class InternImageConfig(BackboneConfigMixin, PretrainedConfig):
     r"""
     Configuration of an InternImage model (CVPR 2023). The defaults give InternImage-T.
 
@@ -107,6 +108,9 @@ class InternImageConfig(PretrainedConfig):
         initializer_range (`float`): Standard deviation of the truncated normal initialiser of linear layers.
         label_set (`str`, *optional*): Name of the label set of the classification head (e.g. `"imagenet-1k"`).
         out_features / out_indices: Stages returned by `InternImageBackbone` (`"stem"`, `"stage1"`...`"stage4"`).
+        frozen_stages (`int`): `InternImageBackbone` keeps its first `frozen_stages` stages (each with its
+            downsampling layer) in eval mode with `requires_grad=False`, as the official detection backbone; `-1`
+            (or `0`) freezes nothing.
     """
 
     model_type = "internimage"
@@ -145,6 +149,7 @@ class InternImageConfig(PretrainedConfig):
         label_set: str | None = None,
         out_features: list[str] | None = None,
         out_indices: list[int] | None = None,
+        frozen_stages: int = -1,
         **kwargs,
     ):
         self.num_channels = num_channels
@@ -176,6 +181,7 @@ class InternImageConfig(PretrainedConfig):
         self.image_size = image_size
         self.initializer_range = initializer_range
         self.label_set = label_set
+        self.frozen_stages = frozen_stages
         self.stage_names = ["stem"] + [f"stage{i}" for i in range(1, len(self.depths) + 1)]
         super().__init__(**kwargs)
         self._validate()
@@ -220,24 +226,20 @@ class InternImageConfig(PretrainedConfig):
                 raise ValueError(f"`stage3_post_norm_block_ids` {self.stage3_post_norm_block_ids} out of range")
         if self.pooler_type == "attention" and self.attention_pooler_hidden_size % self.attention_pooler_num_heads:
             raise ValueError("`attention_pooler_num_heads` must divide `attention_pooler_hidden_size`")
+        if not isinstance(self.frozen_stages, int) or not -1 <= self.frozen_stages <= self.num_stages:
+            raise ValueError(
+                f"`frozen_stages` must be an integer from -1 (nothing frozen) to {self.num_stages}, got"
+                f" {self.frozen_stages!r}"
+            )
 
     def _set_out_features(self, out_features: list[str] | None, out_indices: list[int] | None) -> None:
-        """Backbone outputs, by stage name or index (defaults: the four stages)."""
+        """Backbone outputs, by stage name or index (defaults: the four stages); stored by `BackboneConfigMixin`."""
         if out_features is None and out_indices is None:
             out_indices = list(range(1, len(self.stage_names)))
-        if out_features is not None:
-            unknown = [name for name in out_features if name not in self.stage_names]
-            if unknown:
-                raise ValueError(f"`out_features` {unknown} not in {self.stage_names}")
-            indices = [self.stage_names.index(name) for name in out_features]
-            if out_indices is not None and list(out_indices) != indices:
-                raise ValueError(f"`out_features` {out_features} and `out_indices` {out_indices} disagree")
-            out_indices = indices
-        out_indices = [i % len(self.stage_names) for i in out_indices]
-        if any(not 0 <= i < len(self.stage_names) for i in out_indices):
-            raise ValueError(f"`out_indices` {out_indices} out of range for {self.stage_names}")
-        self.out_indices = out_indices
-        self.out_features = [self.stage_names[i] for i in out_indices]
+        self.set_output_features_output_indices(
+            list(out_features) if out_features is not None else None,
+            list(out_indices) if out_indices is not None else None,
+        )
 
     @classmethod
     def from_variant(cls, name: str, **kwargs) -> InternImageConfig:

@@ -12,8 +12,10 @@ import torch
 from torch import nn
 from transformers import initialization as init
 from transformers.activations import ACT2FN
+from transformers.backbone_utils import BackboneMixin
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
+    BackboneOutput,
     BaseModelOutputWithPoolingAndNoAttention,
     ImageClassifierOutputWithNoAttention,
 )
@@ -516,10 +518,72 @@ class InternImageForImageClassification(InternImagePreTrainedModel):
         return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 
+class InternImageBackbone(BackboneMixin, InternImagePreTrainedModel):
+    """InternImage as a dense-prediction backbone: the stem and the stages, without pooler.
+
+    `feature_maps` holds, for each name in `config.out_features`, the stem output (B, C, H/4, W/4) for `"stem"` or
+    stage `i`'s map (B, C*2^(i-1), H/2^(i+1), W/2^(i+1)) for `"stage{i}"`: after the stage norm and before the
+    downsampling, the same tensors as `InternImageModel`'s `hidden_states`. The module names match
+    `InternImageModel`, so classification checkpoints load into it. `config.frozen_stages` stages stay frozen.
+    """
+
+    has_attentions = False
+
+    def __init__(self, config: InternImageConfig) -> None:
+        super().__init__(config)
+        self.embeddings = InternImageStem(config)
+        self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.encoder = InternImageEncoder(config)
+        self.num_features = [config.channels] + config.stage_channels
+        self.post_init()
+        self._freeze_stages()
+
+    def _freeze_stages(self) -> None:
+        for stage in self.encoder.stages[: max(self.config.frozen_stages, 0)]:
+            stage.eval()
+            stage.requires_grad_(False)
+
+    def train(self, mode: bool = True) -> InternImageBackbone:
+        """Set the training mode; the frozen stages stay in eval mode."""
+        super().train(mode)
+        self._freeze_stages()
+        return self
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> BackboneOutput | tuple:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
+            Normalised images (see `CLIPImageProcessor`).
+        output_hidden_states (`bool`, *optional*):
+            Also return `hidden_states`: the stem and the four stage maps, NCHW.
+        """
+        if output_attentions:
+            raise ValueError("InternImage is a convolutional network and has no attentions to return")
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+
+        stem = self.embeddings(pixel_values)
+        stage_outputs = self.encoder(self.dropout(stem))
+        hidden_states = tuple(_to_channels_first(h) for h in (stem, *stage_outputs))
+        feature_maps = tuple(hidden_states[self.stage_names.index(name)] for name in self.out_features)
+
+        if not return_dict:
+            return (feature_maps, hidden_states) if output_hidden_states else (feature_maps,)
+        return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states if output_hidden_states else None)
+
+
 __all__ = [
     "InternImagePreTrainedModel",
     "InternImageModel",
     "InternImageForImageClassification",
+    "InternImageBackbone",
     "dcnv3_core",
     "dcnv3_core_pytorch",
     "resolve_dcn_backend",
