@@ -1,13 +1,56 @@
-"""Convert official InternImage checkpoints (.pth) into Hugging Face folders."""
+"""Convert official InternImage checkpoints into Hub-ready Hugging Face model folders.
+
+Accepted inputs: released classification `.pth` files (`{"model": state_dict}`), detection/segmentation
+checkpoints (`{"state_dict": ...}` with `backbone.` keys, converted to a backbone without pooler), bare state
+dicts, DeepSpeed `{"module": ...}`, EMA-only `{"model_ema": ...}` and the OpenGVLab Hub repositories' weights
+(`model.` prefix, `layer_scale1/2`; `.bin` or `.safetensors`).
+
+    python convert_checkpoints.py internimage_t_1k_224.pth converted/internimage_t_1k_224
+    python convert_checkpoints.py ckpt.pth out --official-config configs/internimage_t_1k_224.yaml
+"""
 
 from __future__ import annotations
 
+import argparse
+import ast
+import contextlib
+import json
+import os
+import pickle
 import re
+import shutil
+import sys
+import tempfile
+import zipfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers.utils import logging
 
 try:
-    from .configuration_internimage import InternImageConfig
+    from .configuration_internimage import AUTO_MAP, NUM_LABELS, VARIANTS, InternImageConfig
 except ImportError:
-    from configuration_internimage import InternImageConfig
+    from configuration_internimage import AUTO_MAP, NUM_LABELS, VARIANTS, InternImageConfig
+
+logger = logging.get_logger(__name__)
+
+CODE_DIR = Path(__file__).resolve().parent
+MODEL_ENTRY_FILES = ("configuration_internimage.py", "modeling_internimage.py")
+IMAGENET_MEAN = [0.485, 0.456, 0.406]
+IMAGENET_STD = [0.229, 0.224, 0.225]
+# Above this many bytes of weights, verification compares the written tensors with the source one by one instead
+# of loading a second model.
+LARGE_CHECKPOINT_BYTES = 4 * 1024**3
+VERIFY_RESOLUTION = 64
+TEDDY_BEAR_WNID, TEAPOT_WNID = "n04399382", "n04398044"
+
+
+class ConversionError(Exception):
+    """A checkpoint or option that cannot be converted; the message says what was wrong and what to do."""
+
 
 # Official key pattern -> our key. Applied in order; the first match wins.
 KEY_RULES: list[tuple[str, str]] = [
@@ -88,3 +131,699 @@ def config_from_official_kwargs(kwargs: dict, **overrides) -> InternImageConfig:
     }
     fields.update(overrides)
     return InternImageConfig(**fields)
+
+
+# ----------------------------------------------------------------------------------------------- official configs
+
+
+def _literal(value: Any) -> Any:
+    """Decode a YAML scalar the way yacs does (`"1e-5"` -> 1e-05, `"None"` -> None)."""
+    if isinstance(value, str):
+        with contextlib.suppress(ValueError, SyntaxError):
+            return ast.literal_eval(value)
+    return value
+
+
+_YAML_TO_KWARGS = {
+    "CORE_OP": "core_op", "CHANNELS": "channels", "DEPTHS": "depths", "GROUPS": "groups",
+    "LAYER_SCALE": "layer_scale", "OFFSET_SCALE": "offset_scale", "POST_NORM": "post_norm",
+    "MLP_RATIO": "mlp_ratio", "RES_POST_NORM": "res_post_norm", "DW_KERNEL_SIZE": "dw_kernel_size",
+    "USE_CLIP_PROJECTOR": "use_clip_projector", "LEVEL2_POST_NORM": "level2_post_norm",
+    "LEVEL2_POST_NORM_BLOCK_IDS": "level2_post_norm_block_ids", "CENTER_FEATURE_SCALE": "center_feature_scale",
+    "REMOVE_CENTER": "remove_center",
+}
+
+
+def read_official_config(path: str | os.PathLike) -> tuple[dict[str, Any], int | None]:
+    """Official constructor kwargs and image size from a training YAML or a JSON of constructor kwargs.
+
+    Returns `(kwargs, image_size)`; `image_size` is `None` when the file does not give one.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"--official-config {path} does not exist")
+    text = path.read_text()
+    if path.suffix == ".json":
+        try:
+            kwargs = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConversionError(f"--official-config {path} is not valid JSON: {error}") from None
+        if isinstance(kwargs, dict) and isinstance(kwargs.get("kwargs"), dict):
+            kwargs = kwargs["kwargs"]
+        if not isinstance(kwargs, dict) or "channels" not in kwargs:
+            raise ConversionError(
+                f"--official-config {path} must hold the official InternImage constructor kwargs (a JSON object"
+                " with 'channels', 'depths', 'groups', ...)"
+            )
+        return kwargs, None
+    import yaml
+
+    try:
+        document = yaml.safe_load(text) or {}
+    except yaml.YAMLError as error:
+        raise ConversionError(f"--official-config {path} is not valid YAML: {error}") from None
+    model = document.get("MODEL", {}) if isinstance(document, dict) else {}
+    arch = model.get("INTERN_IMAGE") if isinstance(model, dict) else None
+    if not isinstance(arch, dict):
+        raise ConversionError(
+            f"--official-config {path} has no MODEL.INTERN_IMAGE section; pass an official training YAML"
+            " (classification/configs/*.yaml) or a JSON of constructor kwargs"
+        )
+    kwargs = {_YAML_TO_KWARGS[key]: _literal(value) for key, value in arch.items() if key in _YAML_TO_KWARGS}
+    if "NUM_CLASSES" in model:
+        kwargs["num_classes"] = _literal(model["NUM_CLASSES"])
+    if "DROP_PATH_RATE" in model:
+        kwargs["drop_path_rate"] = _literal(model["DROP_PATH_RATE"])
+    image_size = (document.get("DATA") or {}).get("IMG_SIZE")
+    return kwargs, _literal(image_size)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+def _torch_load(path: Path) -> Any:
+    try:
+        try:
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as error:
+            if "mmap" not in str(error):
+                raise
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        message = str(error)
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+        if found:
+            raise ConversionError(
+                f"{path} needs Python code to unpickle ({found.group(1)}); it was not loaded, because loading it"
+                " would run that code. If you trust the file, re-save only its weights with"
+                " `torch.save(torch.load(path, weights_only=False)['model'], 'weights.pth')` and convert that"
+            ) from None
+        raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({message.splitlines()[0]})") from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as error:
+        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise ConversionError(
+            f"{path} is not a readable PyTorch checkpoint (empty, truncated or another format: {detail})"
+        ) from None
+
+
+def _safetensors_load(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ConversionError(f"{path} is not a readable safetensors file ({error})") from None
+
+
+@dataclass
+class SourceCheckpoint:
+    """Official-format state dict (official key names) and where it came from."""
+
+    state_dict: dict[str, torch.Tensor]
+    source_format: str
+    ignored_keys: list[str] = field(default_factory=list)
+
+
+def _is_tensor_dict(value: Any) -> bool:
+    return isinstance(value, Mapping) and len(value) > 0 and all(
+        isinstance(key, str) and isinstance(tensor, torch.Tensor) for key, tensor in value.items()
+    )
+
+
+def _strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    if state_dict and all(key.startswith(prefix) for key in state_dict):
+        return {key[len(prefix):]: tensor for key, tensor in state_dict.items()}
+    return dict(state_dict)
+
+
+def load_official_checkpoint(path: str | os.PathLike) -> SourceCheckpoint:
+    """Read a checkpoint file without executing code and return its weights under official key names."""
+    path = Path(path)
+    if not path.exists():
+        raise ConversionError(f"input checkpoint {path} does not exist")
+    if not path.is_file():
+        raise ConversionError(f"input checkpoint {path} is not a file")
+    if path.stat().st_size == 0:
+        raise ConversionError(f"input checkpoint {path} is empty")
+    with path.open("rb") as handle:
+        magic = handle.read(16)
+    is_safetensors = path.suffix == ".safetensors" or (magic[8:9] == b"{" and not magic.startswith(b"PK"))
+    loaded = _safetensors_load(path) if is_safetensors else _torch_load(path)
+
+    ignored: list[str] = []
+    if isinstance(loaded, Mapping) and isinstance(loaded.get("model"), Mapping):
+        state_dict, source_format = loaded["model"], "classification checkpoint ('model')"
+    elif isinstance(loaded, Mapping) and isinstance(loaded.get("module"), Mapping):
+        state_dict, source_format = loaded["module"], "DeepSpeed checkpoint ('module')"
+    elif isinstance(loaded, Mapping) and isinstance(loaded.get("model_ema"), Mapping):
+        state_dict, source_format = loaded["model_ema"], "EMA weights ('model_ema')"
+    elif isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
+        full = loaded["state_dict"]
+        state_dict = {key[len("backbone."):]: value for key, value in full.items() if key.startswith("backbone.")}
+        ignored = sorted(key for key in full if not key.startswith("backbone."))
+        source_format = "detection/segmentation checkpoint ('state_dict', backbone only)"
+        if not state_dict:
+            raise ConversionError(
+                f"{path} holds a 'state_dict' without 'backbone.' keys; it is not an InternImage detection or"
+                " segmentation checkpoint"
+            )
+    else:
+        state_dict, source_format = loaded, "state dict"
+    if not _is_tensor_dict(state_dict):
+        found = sorted(loaded)[:10] if isinstance(loaded, Mapping) else type(loaded).__name__
+        raise ConversionError(
+            f"{path} holds no state dict of tensors (found {found}); expected an InternImage checkpoint with a"
+            " 'model', 'module', 'model_ema' or 'state_dict' entry, or a bare state dict"
+        )
+    state_dict = _strip_prefix(_strip_prefix(state_dict, "module."), "backbone.")
+    if any(key.startswith("model.") for key in state_dict):
+        state_dict = _strip_prefix(state_dict, "model.")
+        source_format = "OpenGVLab Hub weights ('model.' prefix)"
+    state_dict = {
+        re.sub(r"\.layer_scale(\d)$", r".gamma\1", key): tensor for key, tensor in state_dict.items()
+    }
+    return SourceCheckpoint(state_dict, source_format, ignored)
+
+
+# ----------------------------------------------------------------------------------------------- mapping
+
+
+def _model_class(config: InternImageConfig) -> type[torch.nn.Module]:
+    try:
+        from .modeling_internimage import InternImageForImageClassification, InternImageModel
+    except ImportError:
+        from modeling_internimage import InternImageForImageClassification, InternImageModel
+    return InternImageModel if config.pooler_type is None else InternImageForImageClassification
+
+
+def build_empty_model(config: InternImageConfig) -> torch.nn.Module:
+    """The model for `config` on the meta device (no memory): `InternImageModel` without pooler, else the
+    classifier."""
+    with torch.device("meta"):
+        return _model_class(config)(config)
+
+
+def expected_shapes(config: InternImageConfig) -> dict[str, torch.Size]:
+    """Our state-dict keys and shapes for `config`, named as in `InternImageForImageClassification` (a model
+    without pooler gets the `internimage.` prefix)."""
+    model = build_empty_model(config)
+    prefix = "internimage." if config.pooler_type is None else ""
+    return {prefix + key: tensor.shape for key, tensor in model.state_dict().items()}
+
+
+@dataclass
+class KeyReport:
+    """How an official state dict compares with a model's: keys without a counterpart and shape mismatches."""
+
+    missing: list[str]
+    unexpected: list[str]
+    mismatched: list[str]
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.mismatched)
+
+    def describe(self, limit: int = 10) -> str:
+        parts = []
+        groups = (("missing", self.missing), ("unexpected", self.unexpected), ("mis-shaped", self.mismatched))
+        for title, keys in groups:
+            if keys:
+                shown = ", ".join(keys[:limit]) + (", ..." if len(keys) > limit else "")
+                parts.append(f"{len(keys)} {title} ({shown})")
+        return "; ".join(parts)
+
+
+def compare_keys(official: Mapping[str, Any], expected: Mapping[str, torch.Size]) -> tuple[dict[str, str], KeyReport]:
+    """Map official keys to ours and compare with `expected` (our key -> shape).
+
+    `official` maps official key names to tensors (or anything with a `.shape`). Returns the rename table for the
+    keys that fit and a report of the missing (ours, without a source), unexpected (official, without a
+    destination) and mis-shaped keys (official names, with both shapes).
+    """
+    renames, unexpected, mismatched = {}, [], []
+    for key, tensor in official.items():
+        ours = rename_official_key(key)
+        if ours is None or ours not in expected:
+            unexpected.append(key)
+        elif tuple(tensor.shape) != tuple(expected[ours]):
+            mismatched.append(f"{key} {tuple(tensor.shape)} vs {tuple(expected[ours])}")
+        else:
+            renames[key] = ours
+    mapped = {rename_official_key(key) for key in official}
+    missing = [key for key in expected if key not in mapped]
+    return renames, KeyReport(missing, unexpected, mismatched)
+
+
+def describe_architecture(official: Mapping[str, Any]) -> str:
+    """Short description of the architecture visible in an official state dict, for error messages."""
+    stem = official.get("patch_embed.conv2.weight")
+    blocks: dict[int, int] = {}
+    for key in official:
+        found = re.match(r"levels\.(\d+)\.blocks\.(\d+)\.", key)
+        if found:
+            stage, block = int(found.group(1)), int(found.group(2))
+            blocks[stage] = max(blocks.get(stage, 0), block + 1)
+    depths = [blocks[stage] for stage in sorted(blocks)]
+    head = official.get("head.weight")
+    return (
+        f"channels {stem.shape[0] if stem is not None else '?'}, depths {depths}, "
+        f"{head.shape[0] if head is not None else 'no'} classes"
+    )
+
+
+def has_classifier(official: Mapping[str, Any]) -> bool:
+    """Whether an official state dict holds a classification head (else it is converted as a bare backbone)."""
+    return "head.weight" in official
+
+
+def variant_config(name: str, official: Mapping[str, Any], **overrides) -> InternImageConfig:
+    """The released configuration `name`, with no pooler when the checkpoint has no classifier."""
+    if not has_classifier(official):
+        overrides.setdefault("pooler_type", None)
+    return InternImageConfig.from_variant(name, **overrides)
+
+
+def detect_variant(official: Mapping[str, Any], file_name: str = "") -> str:
+    """The released variant whose shapes match an official state dict exactly.
+
+    Shapes cannot tell apart releases that differ only in resolution (H 384 / 640); those are resolved from
+    `file_name` (e.g. `internimage_h_22kto1k_640.pth`). Backbones without a head match every release of their
+    architecture and resolution; the first one is returned.
+    """
+    candidates = [
+        name for name in VARIANTS if not compare_keys(official, expected_shapes(variant_config(name, official)))[1]
+    ]
+    if not candidates:
+        raise ConversionError(
+            f"the checkpoint's shapes ({describe_architecture(official)}) match no released InternImage"
+            f" ({', '.join(VARIANTS)}); pass the training configuration with --official-config FILE"
+        )
+    stem = Path(file_name).name.lower()
+    named = [name for name in candidates if name in stem]
+    if len(named) == 1:
+        return named[0]
+    by_size = [name for name in candidates if re.search(rf"_{VARIANTS[name]['image_size']}(?!\d)", stem)]
+    if len({VARIANTS[name]["image_size"] for name in by_size}) == 1:
+        return by_size[0]
+    releases = {json.dumps([VARIANTS[name]["arch"], VARIANTS[name]["image_size"]]) for name in candidates}
+    if len(releases) == 1:
+        return candidates[0]
+    raise ConversionError(
+        f"the checkpoint matches several releases that differ only in resolution or label set: {candidates};"
+        " choose one with --variant NAME (or name the file after the release)"
+    )
+
+
+def _timm_info_lines(file_name: str) -> list[str]:
+    import importlib.util
+
+    spec = importlib.util.find_spec("timm")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConversionError("the ImageNet class lists come from timm: `pip install timm`")
+    path = Path(spec.submodule_search_locations[0]) / "data" / "_info" / file_name
+    return path.read_text().splitlines()
+
+
+def imagenet_22k_to_1k_indices() -> list[int]:
+    """For each ImageNet-1k class, the row of the ImageNet-22k head (21841 classes, sorted wnids) of the same wnid.
+
+    The one 1k class missing from the 22k set, n04399382 (teddy bear), takes the row of n04398044 (teapot), as in
+    the official `map22kto1k.txt`.
+    """
+    index_22k = {wnid: index for index, wnid in enumerate(_timm_info_lines("imagenet22k_synsets.txt"))}
+    indices = []
+    for wnid in _timm_info_lines("imagenet_synsets.txt"):
+        indices.append(index_22k[TEAPOT_WNID if wnid == TEDDY_BEAR_WNID and wnid not in index_22k else wnid])
+    return indices
+
+
+def imagenet_labels(label_set: str) -> dict[int, str]:
+    """`id2label` of an ImageNet head: the readable names of timm's sorted wnid lists."""
+    lemmas = dict(line.split("\t", 1) for line in _timm_info_lines("imagenet_synset_to_lemma.txt"))
+    file_name = {"imagenet-1k": "imagenet_synsets.txt", "imagenet-22k": "imagenet22k_synsets.txt"}[label_set]
+    return {index: lemmas[wnid] for index, wnid in enumerate(_timm_info_lines(file_name))}
+
+
+def label_set_for(num_labels: int) -> str | None:
+    """The ImageNet label set of a head with `num_labels` classes, or `None` for any other head."""
+    return next((name for name, count in NUM_LABELS.items() if count == num_labels), None)
+
+
+# ----------------------------------------------------------------------------------------------- writing
+
+
+def model_code_files(entry_files: tuple[str, ...] = MODEL_ENTRY_FILES, code_dir: Path = CODE_DIR) -> list[str]:
+    """The top-level modules the model needs: the entry files and every module they import relatively."""
+    pending, found = list(entry_files), []
+    while pending:
+        name = pending.pop(0)
+        if name in found:
+            continue
+        found.append(name)
+        source = (code_dir / name).read_text()
+        pending += [f"{module}.py" for module in re.findall(r"^\s*from \.(\w+) import", source, flags=re.MULTILINE)]
+    return found
+
+
+def preprocessor_config(image_size: int) -> dict[str, Any]:
+    """`CLIPImageProcessor` settings of the official evaluation transform: short side to `image_size`, centre
+    crop, bicubic, ImageNet mean/std."""
+    return {
+        "image_processor_type": "CLIPImageProcessor",
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"shortest_edge": image_size},
+        "resample": 3,
+        "do_center_crop": True,
+        "crop_size": {"height": image_size, "width": image_size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": IMAGENET_MEAN,
+        "image_std": IMAGENET_STD,
+    }
+
+
+def finalize_config(config: InternImageConfig) -> InternImageConfig:
+    """Set `auto_map`, the label set and ImageNet class names (other heads keep `LABEL_i`)."""
+    config.auto_map = dict(AUTO_MAP)
+    if config.pooler_type is not None:
+        config.label_set = label_set_for(config.num_labels)
+        if config.label_set is not None:
+            config.id2label = imagenet_labels(config.label_set)
+            config.label2id = {label: index for index, label in config.id2label.items()}
+    else:
+        config.label_set = None
+    return config
+
+
+def write_json(path: Path, content: dict[str, Any]) -> None:
+    path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
+
+
+def write_model_card(path: Path, config: InternImageConfig, variant: str | None, notes: list[str]) -> None:
+    """A README.md with Hub metadata, usage and the published numbers of the release."""
+    is_classifier = config.pooler_type is not None
+    release = VARIANTS.get(variant or "", {})
+    datasets = ["imagenet-1k"] if config.label_set != "imagenet-22k" else ["imagenet-21k"]
+    title = variant or "InternImage"
+    lines = [
+        "---",
+        "library_name: transformers",
+        f"pipeline_tag: {'image-classification' if is_classifier else 'image-feature-extraction'}",
+        "license: mit",
+        "tags:",
+        "- internimage",
+        "- vision",
+        "- dcnv3",
+        f"- {'image-classification' if is_classifier else 'backbone'}",
+        "datasets:",
+        *[f"- {name}" for name in datasets],
+        "---",
+        "",
+        f"# {title}",
+        "",
+        "InternImage ([CVPR 2023](https://arxiv.org/abs/2211.05778)), converted from the official checkpoint of"
+        " [OpenGVLab/InternImage](https://github.com/OpenGVLab/InternImage) for 🤗 Transformers (remote code:"
+        " load with `trust_remote_code=True`).",
+        "",
+        f"- Resolution: {config.image_size}; stage widths {config.stage_channels}; depths {config.depths}.",
+        f"- Head: {config.num_labels} classes ({config.label_set or 'custom labels'})." if is_classifier
+        else "- Backbone only (no pooler, no classifier): use `AutoModel` for the four stage maps.",
+    ]
+    if release:
+        top1 = f"{release['top1']} % ImageNet-1k top-1" if release["top1"] is not None else "no published top-1"
+        lines.append(f"- Published: {top1}, {release['params']} parameters.")
+    lines += [f"- {note}" for note in notes]
+    lines += [
+        "",
+        "## Usage",
+        "",
+        "```python",
+        "import torch",
+        "from PIL import Image",
+        "from transformers import AutoModel, AutoModelForImageClassification, CLIPImageProcessor",
+        "",
+        'model_name = "path/to/this/folder"  # or its Hub repo id',
+        "image_processor = CLIPImageProcessor.from_pretrained(model_name)",
+        'pixel_values = image_processor(images=Image.open("img.png"), return_tensors="pt").pixel_values',
+        "",
+        "backbone = AutoModel.from_pretrained(model_name, trust_remote_code=True)",
+        "hidden_states = backbone(pixel_values).hidden_states  # four NCHW maps, strides 4, 8, 16, 32",
+    ]
+    if is_classifier:
+        lines += [
+            "",
+            "classifier = AutoModelForImageClassification.from_pretrained(model_name, trust_remote_code=True)",
+            "logits = classifier(pixel_values).logits",
+            "print(classifier.config.id2label[logits.argmax(-1).item()])",
+        ]
+    lines += ["```", ""]
+    path.write_text("\n".join(lines))
+
+
+def write_repo_metadata(output_dir: str | os.PathLike, variant: str = "internimage_t_1k_224") -> None:
+    """Write the `config.json` and `preprocessor_config.json` of a release (with `auto_map` and class names)
+    into `output_dir`, e.g. the repository's own top-level files."""
+    output_dir = Path(output_dir)
+    config = finalize_config(InternImageConfig.from_variant(variant))
+    config.architectures = ["InternImageForImageClassification"]
+    config.save_pretrained(output_dir)
+    write_json(output_dir / "preprocessor_config.json", preprocessor_config(config.image_size))
+
+
+# ----------------------------------------------------------------------------------------------- verification
+
+
+def _comparable_outputs(model: torch.nn.Module, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    with torch.no_grad():
+        outputs = model(pixel_values.to(next(model.parameters()).dtype), output_hidden_states=True)
+    first = outputs.logits if hasattr(outputs, "logits") else outputs.last_hidden_state
+    return [first, *outputs.hidden_states]
+
+
+def verify_by_reload(folder: Path, model: torch.nn.Module) -> None:
+    """Reload `folder` through the Auto classes (remote code, offline) and check that its outputs equal the
+    in-memory model's on a random input."""
+    from transformers import AutoModel, AutoModelForImageClassification
+
+    auto_class = AutoModel if model.config.pooler_type is None else AutoModelForImageClassification
+    reloaded = auto_class.from_pretrained(folder, trust_remote_code=True, local_files_only=True).eval()
+    generator = torch.Generator().manual_seed(0)
+    pixel_values = torch.randn(1, 3, VERIFY_RESOLUTION, VERIFY_RESOLUTION, generator=generator)
+    expected, actual = _comparable_outputs(model.eval(), pixel_values), _comparable_outputs(reloaded, pixel_values)
+    for index, (want, got) in enumerate(zip(expected, actual)):
+        # Same weights and code; only the memory layout of the weights may change the rounding.
+        if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-5, atol=1e-5):
+            raise ConversionError(
+                f"verification failed: output {index} of the reloaded folder differs from the converted model"
+                f" (max abs difference {(want - got).abs().max().item():.3g})"
+            )
+
+
+def verify_tensors(folder: Path, state_dict: Mapping[str, torch.Tensor]) -> None:
+    """Compare every tensor written in `folder`'s safetensors files with `state_dict`, one tensor at a time."""
+    from safetensors import safe_open
+
+    seen = set()
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, framework="pt") as handle:
+            for key in handle.keys():
+                if key not in state_dict or not torch.equal(handle.get_tensor(key), state_dict[key]):
+                    raise ConversionError(f"verification failed: written tensor {key} differs from the source")
+                seen.add(key)
+    if seen != set(state_dict):
+        raise ConversionError(f"verification failed: {len(set(state_dict) - seen)} tensors were not written")
+
+
+# ----------------------------------------------------------------------------------------------- conversion
+
+
+def _progress(items: list, description: str) -> Iterator:
+    if len(items) < 2000 and not os.environ.get("INTERNIMAGE_CONVERT_PROGRESS"):
+        return iter(items)
+    from tqdm.auto import tqdm
+
+    return iter(tqdm(items, desc=description, unit="tensor"))
+
+
+@contextlib.contextmanager
+def _staging_folder(output_dir: Path, overwrite: bool) -> Iterator[Path]:
+    """A temporary folder next to `output_dir` that replaces it only when the block succeeds."""
+    if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not overwrite:
+        raise ConversionError(f"output folder {output_dir} exists and is not empty; pass --overwrite to replace it")
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix="_internimage_convert_", dir=output_dir.parent))
+    try:
+        yield staging
+        if output_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix="_internimage_old_", dir=output_dir.parent))
+            os.replace(output_dir, old / "previous")
+            os.replace(staging, output_dir)
+            shutil.rmtree(old)
+        else:
+            os.replace(staging, output_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _resolve_config(
+    official: Mapping[str, Any],
+    input_path: Path,
+    variant: str | None,
+    official_config: str | os.PathLike | None,
+    image_size: int | None,
+) -> tuple[InternImageConfig, str | None]:
+    """The config the checkpoint is converted to, and the release name when it is one."""
+    if variant is not None and official_config is not None:
+        raise ConversionError("pass either --variant or --official-config, not both")
+    overrides = {"image_size": image_size} if image_size is not None else {}
+    if official_config is not None:
+        kwargs, config_size = read_official_config(official_config)
+        if image_size is None:
+            overrides["image_size"] = config_size or 224
+        if not has_classifier(official):
+            overrides["pooler_type"] = None
+        try:
+            return config_from_official_kwargs(kwargs, **overrides), None
+        except (TypeError, ValueError) as error:
+            raise ConversionError(f"--official-config {official_config}: {error}") from None
+    if variant is not None:
+        if variant not in VARIANTS:
+            raise ConversionError(f"unknown --variant {variant!r}; choose one of {', '.join(VARIANTS)}")
+        report = compare_keys(official, expected_shapes(variant_config(variant, official)))[1]
+        if report:
+            raise ConversionError(f"the checkpoint does not match --variant {variant}: {report.describe()}")
+    else:
+        variant = detect_variant(official, input_path.name)
+    return variant_config(variant, official, **overrides), variant
+
+
+def convert_checkpoint(
+    input_path: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    variant: str | None = None,
+    official_config: str | os.PathLike | None = None,
+    image_size: int | None = None,
+    head_1k: bool = False,
+    verify: bool = True,
+    overwrite: bool = False,
+    max_shard_size: str | int = "2GB",
+    push_to_hub: str | None = None,
+) -> Path:
+    """Convert an official InternImage checkpoint into a Hub-ready folder and return the folder.
+
+    The architecture comes from `official_config` (training YAML or constructor-kwargs JSON), from `variant`, or is
+    detected from the tensor shapes. `head_1k` reduces a 22k head (21841 classes) to ImageNet-1k. The folder holds
+    `model.safetensors` (sharded above `max_shard_size`), `config.json` with `auto_map`, the model code,
+    `preprocessor_config.json` and a model card; it is written next to `output_dir` and renamed at the end.
+    """
+    input_path, output_dir = Path(input_path), Path(output_dir)
+    source = load_official_checkpoint(input_path)
+    official = source.state_dict
+    config, variant = _resolve_config(official, input_path, variant, official_config, image_size)
+    notes = [f"Source: `{input_path.name}` ({source.source_format})."]
+    if head_1k:
+        if official.get("head.weight") is None or official["head.weight"].shape[0] != NUM_LABELS["imagenet-22k"]:
+            raise ConversionError("--head-1k needs a checkpoint with an ImageNet-22k head (21841 classes)")
+        rows = torch.tensor(imagenet_22k_to_1k_indices())
+        official = {**official, "head.weight": official["head.weight"][rows], "head.bias": official["head.bias"][rows]}
+        config.num_labels = NUM_LABELS["imagenet-1k"]
+        notes.append("The ImageNet-22k head was reduced to the 1000 ImageNet-1k classes (rows of the same wnid).")
+    finalize_config(config)
+
+    expected = expected_shapes(config)
+    renames, report = compare_keys(official, expected)
+    if report:
+        raise ConversionError(f"the checkpoint does not fit the configuration: {report.describe()}")
+    prefix = "internimage." if config.pooler_type is None else ""
+    state_dict = {
+        renames[key][len(prefix):]: official[key].contiguous() for key in _progress(list(official), "mapping")
+    }
+    model = build_empty_model(config)
+    model.load_state_dict(state_dict, strict=True, assign=True)
+    model.eval()
+
+    with _staging_folder(output_dir, overwrite) as staging:
+        model.save_pretrained(staging, max_shard_size=max_shard_size)
+        for name in model_code_files():
+            shutil.copy2(CODE_DIR / name, staging / name)
+        write_json(staging / "preprocessor_config.json", preprocessor_config(config.image_size))
+        write_model_card(staging / "README.md", config, variant, notes)
+        if verify:
+            weight_bytes = sum(tensor.numel() * tensor.element_size() for tensor in state_dict.values())
+            if weight_bytes > LARGE_CHECKPOINT_BYTES:
+                verify_tensors(staging, state_dict)
+            else:
+                verify_by_reload(staging, model)
+    logger.info(f"Wrote {output_dir} ({variant or 'custom configuration'}, {len(state_dict)} tensors)")
+    if push_to_hub:
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        api.create_repo(push_to_hub, exist_ok=True)
+        api.upload_folder(folder_path=output_dir, repo_id=push_to_hub, commit_message=f"Convert {input_path.name}")
+    return output_dir
+
+
+# ----------------------------------------------------------------------------------------------- command line
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Convert an official InternImage checkpoint into a Hugging Face model folder (remote code).",
+    )
+    parser.add_argument("input", nargs="?", help="official checkpoint (.pth, .bin or .safetensors)")
+    parser.add_argument("output_dir", nargs="?", help="folder to write (must not exist or be empty)")
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("--variant", choices=list(VARIANTS), help="released architecture (default: detected)")
+    source.add_argument(
+        "--official-config", metavar="FILE", help="official training YAML or JSON of the constructor kwargs"
+    )
+    parser.add_argument("--image-size", type=int, help="resolution of the weights (default: the release's, or 224)")
+    parser.add_argument("--head-1k", action="store_true", help="reduce an ImageNet-22k head to ImageNet-1k")
+    parser.add_argument("--no-verify", action="store_true", help="skip reloading and comparing the written folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
+    parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this Hub repository")
+    parser.add_argument(
+        "--write-repo-config",
+        metavar="DIR",
+        help="only write config.json and preprocessor_config.json of InternImage-T (1k, 224) into DIR",
+    )
+    args = parser.parse_args(argv)
+    if args.write_repo_config is None and (args.input is None or args.output_dir is None):
+        parser.error("INPUT and OUTPUT_DIR are required")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.write_repo_config is not None:
+            write_repo_metadata(args.write_repo_config)
+            return 0
+        output = convert_checkpoint(
+            args.input,
+            args.output_dir,
+            variant=args.variant,
+            official_config=args.official_config,
+            image_size=args.image_size,
+            head_1k=args.head_1k,
+            verify=not args.no_verify,
+            overwrite=args.overwrite,
+            max_shard_size=args.max_shard_size,
+            push_to_hub=args.push_to_hub,
+        )
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    print(f"converted {args.input} -> {output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
