@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import ast
 import contextlib
+import functools
 import json
 import os
 import pickle
@@ -403,6 +404,12 @@ def variant_config(name: str, official: Mapping[str, Any], **overrides) -> Inter
     return InternImageConfig.from_variant(name, **overrides)
 
 
+@functools.lru_cache(maxsize=32)
+def _variant_shapes(name: str, with_classifier: bool) -> dict[str, torch.Size]:
+    overrides = {} if with_classifier else {"pooler_type": None}
+    return expected_shapes(InternImageConfig.from_variant(name, **overrides))
+
+
 def detect_variant(official: Mapping[str, Any], file_name: str = "") -> str:
     """The released variant whose shapes match an official state dict exactly.
 
@@ -410,19 +417,21 @@ def detect_variant(official: Mapping[str, Any], file_name: str = "") -> str:
     `file_name` (e.g. `internimage_h_22kto1k_640.pth`). Backbones without a head match every release of their
     architecture and resolution; the first one is returned.
     """
+    stem = official.get("patch_embed.conv2.weight")
+    same_width = [name for name in VARIANTS if stem is None or VARIANTS[name]["arch"]["channels"] == stem.shape[0]]
     candidates = [
-        name for name in VARIANTS if not compare_keys(official, expected_shapes(variant_config(name, official)))[1]
+        name for name in same_width if not compare_keys(official, _variant_shapes(name, has_classifier(official)))[1]
     ]
     if not candidates:
         raise ConversionError(
             f"the checkpoint's shapes ({describe_architecture(official)}) match no released InternImage"
             f" ({', '.join(VARIANTS)}); pass the training configuration with --official-config FILE"
         )
-    stem = Path(file_name).name.lower()
-    named = [name for name in candidates if name in stem]
+    file_stem = Path(file_name).name.lower()
+    named = [name for name in candidates if name in file_stem]
     if len(named) == 1:
         return named[0]
-    by_size = [name for name in candidates if re.search(rf"_{VARIANTS[name]['image_size']}(?!\d)", stem)]
+    by_size = [name for name in candidates if re.search(rf"_{VARIANTS[name]['image_size']}(?!\d)", file_stem)]
     if len({VARIANTS[name]["image_size"] for name in by_size}) == 1:
         return by_size[0]
     releases = {json.dumps([VARIANTS[name]["arch"], VARIANTS[name]["image_size"]]) for name in candidates}
@@ -691,7 +700,7 @@ def _resolve_config(
     if variant is not None:
         if variant not in VARIANTS:
             raise ConversionError(f"unknown --variant {variant!r}; choose one of {', '.join(VARIANTS)}")
-        report = compare_keys(official, expected_shapes(variant_config(variant, official)))[1]
+        report = compare_keys(official, _variant_shapes(variant, has_classifier(official)))[1]
         if report:
             raise ConversionError(f"the checkpoint does not match --variant {variant}: {report.describe()}")
     else:
