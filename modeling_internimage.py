@@ -528,6 +528,7 @@ class InternImageBackbone(BackboneMixin, InternImagePreTrainedModel):
     """
 
     has_attentions = False
+    _keys_to_ignore_on_load_unexpected = [r"(^|\.)pooler\.", r"^classifier\."]  # heads of classification folders
 
     def __init__(self, config: InternImageConfig) -> None:
         super().__init__(config)
