@@ -1,0 +1,35 @@
+"""Shared test helpers: the repository on `sys.path`, the fixtures folder and offline subprocesses."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURES = ROOT / "tests" / "fixtures"
+for path in (ROOT, ROOT / "tests"):
+    if str(path) not in sys.path:
+        sys.path.insert(0, str(path))
+
+
+def offline_env(hf_home: Path) -> dict[str, str]:
+    """The current environment with the Hub offline and a private `HF_HOME` (its remote-code module cache)."""
+    return {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+
+
+def run_python(args: list[str], hf_home: Path, cwd: Path = ROOT, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run `python ARGS...` offline with a private `HF_HOME`; returns the completed process (output as text)."""
+    return subprocess.run(
+        [sys.executable, *map(str, args)], cwd=cwd, env=offline_env(hf_home), capture_output=True, text=True,
+        timeout=timeout,
+    )
+
+
+@pytest.fixture(scope="session")
+def session_hf_home(tmp_path_factory) -> Path:
+    """One private `HF_HOME` shared by the subprocesses of a test session."""
+    return tmp_path_factory.mktemp("hf_home")
