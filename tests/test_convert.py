@@ -11,8 +11,9 @@ import torch
 from conftest import FIXTURES, ROOT, run_python
 
 import convert_checkpoints
-from configuration_internimage import AUTO_MAP
-from modeling_internimage import InternImageForImageClassification
+from configuration_internimage import AUTO_MAP, InternImageConfig
+from convert_checkpoints import ConversionError, compare_keys, convert_checkpoint, detect_variant
+from modeling_internimage import InternImageForImageClassification, InternImageModel
 
 MODELS = ("tiny_t", "tiny_l")
 MANIFESTS = sorted((FIXTURES / "manifests").glob("*.json"))
@@ -173,3 +174,195 @@ def test_model_card_examples_on_a_real_png(remote_results, name):
     with torch.no_grad():
         reference = local_classifier(name)(pixel_values).logits
     torch.testing.assert_close(result["card_logits"], reference, rtol=0, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Released architectures (manifests of the official state dicts)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def manifest_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Empty (meta) tensors with the keys and shapes of an official released state dict."""
+    return {key: torch.empty(shape, device="meta") for key, shape in json.loads(path.read_text())["state_dict"]}
+
+
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda path: path.stem)
+def test_released_architecture_by_name(manifest):
+    name, official = manifest.stem, json.loads(manifest.read_text())
+    with torch.device("meta"):
+        model = InternImageForImageClassification(InternImageConfig.from_variant(name))
+    assert sum(p.numel() for p in model.parameters()) == official["num_params"]
+
+    state_dict = manifest_state_dict(manifest)
+    renames, report = compare_keys(state_dict, convert_checkpoints.expected_shapes(model.config))
+    assert not report, report.describe()
+    assert len(renames) == len(state_dict) == official["num_state_dict_entries"]
+    assert sorted(renames.values()) == sorted(model.state_dict())
+    assert detect_variant(state_dict, f"/checkpoints/{name}.pth") == name
+
+
+def test_detection_needs_the_resolution_when_only_that_differs():
+    state_dict = manifest_state_dict(FIXTURES / "manifests" / "internimage_h_22kto1k_384.json")
+    with pytest.raises(ConversionError, match="internimage_h_22kto1k_384.*internimage_h_22kto1k_640.*--variant"):
+        detect_variant(state_dict, "weights.pth")
+    assert detect_variant(state_dict, "internimage_h_22kto1k_640.pth") == "internimage_h_22kto1k_640"
+    l_22k = manifest_state_dict(FIXTURES / "manifests" / "internimage_l_22k_384.json")
+    assert detect_variant(l_22k, "weights.pth") == "internimage_l_22k_384"  # told apart by the head size
+    l_backbone = {key: value for key, value in l_22k.items() if key.startswith(("patch_embed.", "levels."))}
+    assert detect_variant(l_backbone, "weights.pth") == "internimage_l_22kto1k_384"  # same backbone, same size
+
+
+def test_wrong_variant_names_the_mismatching_keys(tmp_path):
+    with pytest.raises(ConversionError, match=r"does not match --variant internimage_t_1k_224: .*mis-shaped"):
+        convert_checkpoint(FIXTURES / "models" / "tiny_t" / "checkpoint.pth", tmp_path / "out",
+                           variant="internimage_t_1k_224")
+    assert not (tmp_path / "out").exists()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Input formats
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def convert_fixture(name: str, checkpoint: Path, output: Path, **kwargs) -> Path:
+    """In-process conversion with the fixture's constructor kwargs (the reload check runs in the CLI tests)."""
+    return convert_checkpoint(
+        checkpoint, output, official_config=official_kwargs_file(name, checkpoint.parent), verify=False, **kwargs
+    )
+
+
+def test_detection_checkpoint_becomes_a_backbone(tmp_path):
+    official = official_state_dict("tiny_t")
+    backbone = {f"backbone.{k}": v for k, v in official.items() if k.startswith(("patch_embed.", "levels."))}
+    checkpoint = tmp_path / "mask_rcnn_internimage.pth"
+    extra = {"neck.fpn.0.weight": torch.ones(2), "rpn_head.conv.weight": torch.ones(3)}
+    torch.save({"state_dict": {**backbone, **extra}, "meta": {"epoch": 12}}, checkpoint)
+    folder = convert_fixture("tiny_t", checkpoint, tmp_path / "out")
+
+    config = json.loads((folder / "config.json").read_text())
+    assert config["pooler_type"] is None and config["architectures"] == ["InternImageModel"]
+    model = InternImageModel.from_pretrained(folder).eval()
+    pixel_values, expected = expected_outputs("tiny_t")
+    with torch.no_grad():
+        outputs = model(pixel_values)
+    assert outputs.pooler_output is None
+    for index, hidden_state in enumerate(outputs.hidden_states):
+        torch.testing.assert_close(hidden_state, expected[f"stage_{index}"], rtol=0, atol=1e-4)
+
+
+def _hub_style(official: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The OpenGVLab Hub repositories' naming: `model.` prefix, `gamma1/2` renamed `layer_scale1/2`."""
+    return {"model." + k.replace(".gamma", ".layer_scale"): v.clone() for k, v in official.items()}
+
+
+@pytest.mark.parametrize("layout", ["hub_bin", "hub_safetensors", "module", "bare", "model_ema"])
+def test_other_checkpoint_layouts(tmp_path, layout):
+    official = official_state_dict("tiny_l")
+    assert any(".gamma1" in key for key in official)
+    if layout == "hub_safetensors":
+        from safetensors.torch import save_file
+
+        checkpoint = tmp_path / "model.safetensors"
+        save_file(_hub_style(official), checkpoint)
+    else:
+        checkpoint = tmp_path / "pytorch_model.bin"
+        content = {
+            "hub_bin": _hub_style(official), "module": {"module": official}, "bare": official,
+            "model_ema": {"model_ema": official, "epoch": 3},
+        }[layout]
+        torch.save(content, checkpoint)
+    folder = convert_fixture("tiny_l", checkpoint, tmp_path / "out")
+    model = InternImageForImageClassification.from_pretrained(folder).eval()
+    pixel_values, expected = expected_outputs("tiny_l")
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values).logits, expected["logits"], rtol=0, atol=1e-4)
+
+
+def test_official_training_yaml(tmp_path):
+    kwargs = official_kwargs("tiny_l")
+    (tmp_path / "tiny_l.yaml").write_text(
+        "DATA:\n  IMG_SIZE: 96\nMODEL:\n  TYPE: intern_image\n  NUM_CLASSES: 10\n  DROP_PATH_RATE: 0.1\n"
+        f"  INTERN_IMAGE:\n    CORE_OP: 'DCNv3'\n    DEPTHS: {kwargs['depths']}\n    GROUPS: {kwargs['groups']}\n"
+        f"    CHANNELS: {kwargs['channels']}\n    LAYER_SCALE: 1e-5\n    OFFSET_SCALE: 2.0\n"
+        "    MLP_RATIO: 4.0\n    POST_NORM: True\n"
+    )
+    read, image_size = convert_checkpoints.read_official_config(tmp_path / "tiny_l.yaml")
+    assert image_size == 96 and read["layer_scale"] == 1e-5 and read["offset_scale"] == 2.0 and read["post_norm"]
+    folder = convert_checkpoint(
+        FIXTURES / "models" / "tiny_l" / "checkpoint.pth", tmp_path / "out", official_config=tmp_path / "tiny_l.yaml",
+        verify=False,
+    )
+    assert json.loads((folder / "preprocessor_config.json").read_text())["crop_size"] == {"height": 96, "width": 96}
+    model = InternImageForImageClassification.from_pretrained(folder).eval()
+    pixel_values, expected = expected_outputs("tiny_l")
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values).logits, expected["logits"], rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ImageNet labels and the 22k -> 1k head
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_22k_to_1k_map_from_timm_lists():
+    synsets_1k = convert_checkpoints._timm_info_lines("imagenet_synsets.txt")
+    synsets_22k = convert_checkpoints._timm_info_lines("imagenet22k_synsets.txt")
+    assert len(synsets_1k) == 1000 and len(synsets_22k) == 21841
+    indices = convert_checkpoints.imagenet_22k_to_1k_indices()
+    same_wnid = [i for i, row in enumerate(indices) if synsets_22k[row] == synsets_1k[i]]
+    assert len(same_wnid) == 999 and 850 not in same_wnid
+    assert synsets_1k[850] == "n04399382" and synsets_22k[indices[850]] == "n04398044" and indices[850] == 11136
+    labels_1k, labels_22k = (convert_checkpoints.imagenet_labels(s) for s in ("imagenet-1k", "imagenet-22k"))
+    assert labels_1k[0] == "tench, Tinca tinca" and labels_1k[850] == "teddy, teddy bear" and len(labels_22k) == 21841
+    assert labels_22k[indices[850]] == "teapot"
+
+
+def test_head_1k_selects_the_22k_rows(tmp_path):
+    official = official_state_dict("tiny_t")
+    generator = torch.Generator().manual_seed(0)
+    width = official["head.weight"].shape[1]
+    official["head.weight"] = torch.randn(21841, width, generator=generator)
+    official["head.bias"] = torch.randn(21841, generator=generator)
+    checkpoint = tmp_path / "tiny_22k.pth"
+    torch.save({"model": official}, checkpoint)
+    kwargs_file = tmp_path / "kwargs.json"
+    kwargs_file.write_text(json.dumps({**official_kwargs("tiny_t"), "num_classes": 21841}))
+
+    folder = convert_checkpoint(checkpoint, tmp_path / "out", official_config=kwargs_file, head_1k=True, verify=False)
+    model = InternImageForImageClassification.from_pretrained(folder)
+    rows = torch.tensor(convert_checkpoints.imagenet_22k_to_1k_indices())
+    assert torch.equal(model.classifier.weight, official["head.weight"][rows])
+    assert torch.equal(model.classifier.bias, official["head.bias"][rows])
+    assert model.config.label_set == "imagenet-1k" and model.config.id2label[850] == "teddy, teddy bear"
+
+    full = convert_checkpoint(checkpoint, tmp_path / "full", official_config=kwargs_file, verify=False)
+    config = json.loads((full / "config.json").read_text())
+    assert config["label_set"] == "imagenet-22k" and config["id2label"]["11136"] == "teapot"
+    with pytest.raises(ConversionError, match="--head-1k needs"):
+        convert_fixture("tiny_t", FIXTURES / "models" / "tiny_t" / "checkpoint.pth", tmp_path / "x", head_1k=True)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Repository files
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_repository_config_is_the_converters_output(tmp_path):
+    convert_checkpoints.write_repo_metadata(tmp_path)
+    for name in ("config.json", "preprocessor_config.json"):
+        written, committed = (json.loads((folder / name).read_text()) for folder in (tmp_path, ROOT))
+        written.pop("transformers_version", None), committed.pop("transformers_version", None)
+        assert written == committed, name
+    config = json.loads((ROOT / "config.json").read_text())
+    assert config["auto_map"] == AUTO_MAP and config["image_size"] == 224
+    assert config["id2label"]["1"] == "goldfish, Carassius auratus" and config["label_set"] == "imagenet-1k"
+
+
+def test_code_files_follow_relative_imports(tmp_path):
+    assert convert_checkpoints.model_code_files() == [
+        "configuration_internimage.py", "modeling_internimage.py", "dcnv3_ops.py", "dcnv3_triton.py"
+    ]
+    (tmp_path / "a.py").write_text("try:\n    from .b import x\nexcept ImportError:\n    from b import x\n")
+    (tmp_path / "b.py").write_text("from .c import y\n")
+    (tmp_path / "c.py").write_text("import os\n")
+    assert convert_checkpoints.model_code_files(("a.py",), tmp_path) == ["a.py", "b.py", "c.py"]
