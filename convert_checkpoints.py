@@ -219,11 +219,13 @@ def _torch_load(path: Path) -> Any:
                 " would run that code. If you trust the file, re-save only its weights with"
                 " `torch.save(torch.load(path, weights_only=False)['model'], 'weights.pth')` and convert that"
             ) from None
-        raise ConversionError(f"{path} is not a readable PyTorch checkpoint ({message.splitlines()[0]})") from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as error:
-        detail = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise ConversionError(
-            f"{path} is not a readable PyTorch checkpoint (empty, truncated or another format: {detail})"
+            f"{path} is not a readable PyTorch checkpoint (neither a torch.save zip archive nor a pickle of tensors)"
+        ) from None
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as error:
+        detail = str(error).split(". ")[0] if str(error) else type(error).__name__
+        raise ConversionError(
+            f"{path} is not a readable PyTorch checkpoint (truncated, corrupted or another format: {detail})"
         ) from None
 
 
@@ -304,6 +306,11 @@ def load_official_checkpoint(path: str | os.PathLike) -> SourceCheckpoint:
     state_dict = {
         re.sub(r"\.layer_scale(\d)$", r".gamma\1", key): tensor for key, tensor in state_dict.items()
     }
+    if all(rename_official_key(key) is None for key in state_dict):
+        raise ConversionError(
+            f"{path} holds no InternImage weights: none of its {len(state_dict)} keys"
+            f" ({', '.join(sorted(state_dict)[:5])}, ...) is an InternImage parameter name"
+        )
     return SourceCheckpoint(state_dict, source_format, ignored)
 
 
@@ -346,7 +353,11 @@ class KeyReport:
 
     def describe(self, limit: int = 10) -> str:
         parts = []
-        groups = (("missing", self.missing), ("unexpected", self.unexpected), ("mis-shaped", self.mismatched))
+        groups = (
+            ("model tensors missing from the checkpoint", self.missing),
+            ("unexpected checkpoint keys", self.unexpected),
+            ("mis-shaped checkpoint tensors", self.mismatched),
+        )
         for title, keys in groups:
             if keys:
                 shown = ", ".join(keys[:limit]) + (", ..." if len(keys) > limit else "")

@@ -4,6 +4,7 @@ released architectures, the 22k -> 1k head and the errors on bad input."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -12,7 +13,7 @@ from conftest import FIXTURES, ROOT, run_python
 
 import convert_checkpoints
 from configuration_internimage import AUTO_MAP, InternImageConfig
-from convert_checkpoints import ConversionError, compare_keys, convert_checkpoint, detect_variant
+from convert_checkpoints import ConversionError, compare_keys, convert_checkpoint, detect_variant, main
 from modeling_internimage import InternImageForImageClassification, InternImageModel
 
 MODELS = ("tiny_t", "tiny_l")
@@ -366,3 +367,108 @@ def test_code_files_follow_relative_imports(tmp_path):
     (tmp_path / "b.py").write_text("from .c import y\n")
     (tmp_path / "c.py").write_text("import os\n")
     assert convert_checkpoints.model_code_files(("a.py",), tmp_path) == ["a.py", "b.py", "c.py"]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Bad input: one `error: ...` line, non-zero exit, nothing written
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class _CodeCarrier:
+    """Unpickling this would create `path` (a stand-in for arbitrary code in a malicious checkpoint)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (str(self.path), "w"))
+
+
+def _edited_checkpoint(path: Path, edit) -> Path:
+    state_dict = official_state_dict("tiny_t")
+    edit(state_dict)
+    torch.save({"model": state_dict}, path)
+    return path
+
+
+def _bad_input(kind: str, folder: Path) -> tuple[Path, list[str], str]:
+    """A bad checkpoint of the given kind, the extra CLI options and a regex the error message must match."""
+    checkpoint = FIXTURES / "models" / "tiny_t" / "checkpoint.pth"
+    official = ["--official-config", str(official_kwargs_file("tiny_t", folder))]
+    path = folder / f"{kind}.pth"
+    if kind == "missing_path":
+        return path, [], "does not exist"
+    if kind == "empty":
+        path.write_bytes(b"")
+        return path, [], "is empty"
+    if kind == "truncated":
+        path.write_bytes(checkpoint.read_bytes()[: checkpoint.stat().st_size // 2])
+        return path, [], "not a readable PyTorch checkpoint"
+    if kind == "random_bytes":
+        path.write_bytes(torch.randint(0, 256, (4096,), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+                         .numpy().tobytes())
+        return path, [], "not a readable PyTorch checkpoint"
+    if kind == "unrelated":
+        torch.save({"model": {"encoder.fc.weight": torch.ones(3, 3)}}, path)
+        return path, [], "holds no InternImage weights"
+    if kind == "missing_keys":
+        _edited_checkpoint(path, lambda sd: [sd.pop(k) for k in ("head.bias", "levels.1.blocks.0.mlp.fc1.weight")])
+        return path, official, "2 model tensors missing.*classifier.bias"
+    if kind == "unexpected_keys":
+        _edited_checkpoint(path, lambda sd: sd.update({"levels.0.blocks.0.extra": torch.ones(1)}))
+        return path, official, "1 unexpected checkpoint keys \\(levels.0.blocks.0.extra\\)"
+    if kind == "mis_shaped":
+        _edited_checkpoint(path, lambda sd: sd.update({"head.bias": torch.ones(11)}))
+        return path, official, "mis-shaped checkpoint tensors \\(head.bias \\(11,\\) vs \\(10,\\)\\)"
+    if kind == "wrong_variant":
+        return checkpoint, ["--variant", "internimage_s_1k_224"], "does not match --variant internimage_s_1k_224"
+    if kind == "no_release_matches":
+        return checkpoint, [], "match no released InternImage.*--official-config"
+    if kind == "code_in_pickle":
+        torch.save({"model": _CodeCarrier(folder / "MARKER")}, path)
+        return path, [], "needs Python code to unpickle"
+    raise ValueError(kind)
+
+
+BAD_INPUTS = (
+    "missing_path", "empty", "truncated", "random_bytes", "unrelated", "missing_keys", "unexpected_keys",
+    "mis_shaped", "wrong_variant", "no_release_matches", "code_in_pickle",
+)
+
+
+@pytest.mark.parametrize("kind", BAD_INPUTS)
+def test_bad_input_is_one_clear_error(tmp_path, capsys, kind):
+    checkpoint, options, message = _bad_input(kind, tmp_path)
+    output = tmp_path / "out" / "model"
+    assert main([str(checkpoint), str(output), *options]) == 1
+    stderr = capsys.readouterr().err.strip().splitlines()
+    assert len(stderr) == 1 and stderr[0].startswith("error: "), stderr
+    assert re.search(message, stderr[0]), stderr[0]
+    assert not output.exists() and not (tmp_path / "MARKER").exists()
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("kind", ["code_in_pickle", "random_bytes"])
+def test_cli_bad_input_without_traceback(tmp_path, session_hf_home, kind):
+    checkpoint, options, message = _bad_input(kind, tmp_path)
+    completed = run_python(["convert_checkpoints.py", checkpoint, tmp_path / "out", *options], session_hf_home)
+    assert completed.returncode == 1
+    assert "Traceback" not in completed.stderr and completed.stderr.startswith("error: ")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "MARKER").exists()
+    with open(checkpoint, "rb") as handle:  # the carrier is real: an unrestricted unpickler runs it
+        if kind == "code_in_pickle":
+            torch.load(handle, weights_only=False)
+            assert (tmp_path / "MARKER").exists()
+
+
+def test_existing_output_folder_needs_overwrite(tmp_path, capsys):
+    output = tmp_path / "out"
+    output.mkdir()
+    (output / "keep.txt").write_text("mine")
+    checkpoint = FIXTURES / "models" / "tiny_t" / "checkpoint.pth"
+    options = ["--official-config", str(official_kwargs_file("tiny_t", tmp_path)), "--no-verify"]
+    assert main([str(checkpoint), str(output), *options]) == 1
+    assert "--overwrite" in capsys.readouterr().err and (output / "keep.txt").read_text() == "mine"
+    assert main([str(checkpoint), str(output), *options, "--overwrite"]) == 0
+    assert not (output / "keep.txt").exists() and (output / "model.safetensors").is_file()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny_t_kwargs.json"]
