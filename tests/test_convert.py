@@ -226,9 +226,10 @@ def test_wrong_variant_names_the_mismatching_keys(tmp_path):
 
 
 def convert_fixture(name: str, checkpoint: Path, output: Path, **kwargs) -> Path:
-    """In-process conversion with the fixture's constructor kwargs (the reload check runs in the CLI tests)."""
+    """In-process conversion with the fixture's constructor kwargs, written next to `output` (the reload check runs in
+    the CLI tests)."""
     return convert_checkpoint(
-        checkpoint, output, official_config=official_kwargs_file(name, checkpoint.parent), verify=False, **kwargs
+        checkpoint, output, official_config=official_kwargs_file(name, output.parent), verify=False, **kwargs
     )
 
 
