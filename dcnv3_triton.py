@@ -47,7 +47,7 @@ if triton is not None:
     def _autotune_configs() -> list:
         """A few tile widths and warp counts; a single one in the interpreter (which cannot benchmark)."""
         if INTERPRETING:
-            return [triton.Config({"BLOCK_W": 8}, num_warps=1)]
+            return [triton.Config({"BLOCK_W": 32}, num_warps=1)]
         return [
             triton.Config({"BLOCK_W": block_w}, num_warps=num_warps)
             for block_w in (4, 8, 16, 32)
