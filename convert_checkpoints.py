@@ -648,7 +648,7 @@ def verify_tensors(folder: Path, state_dict: Mapping[str, torch.Tensor]) -> None
     seen = set()
     for shard in sorted(folder.glob("*.safetensors")):
         with safe_open(shard, framework="pt") as handle:
-            for key in handle.keys():
+            for key in _progress(list(handle.keys()), f"Verifying {shard.name}", _size_in_bytes(state_dict)):
                 if key not in state_dict or not torch.equal(handle.get_tensor(key), state_dict[key]):
                     raise ConversionError(f"verification failed: written tensor {key} differs from the source")
                 seen.add(key)
@@ -659,12 +659,17 @@ def verify_tensors(folder: Path, state_dict: Mapping[str, torch.Tensor]) -> None
 # ----------------------------------------------------------------------------------------------- conversion
 
 
-def _progress(items: list, description: str) -> Iterator:
-    if len(items) < 2000 and not os.environ.get("INTERNIMAGE_CONVERT_PROGRESS"):
+def _progress(items: list[str], description: str, total_bytes: int) -> Iterator[str]:
+    """`items`, with a tqdm progress bar for checkpoints above 1 GB."""
+    if total_bytes < 1024**3:
         return iter(items)
     from tqdm.auto import tqdm
 
     return iter(tqdm(items, desc=description, unit="tensor"))
+
+
+def _size_in_bytes(state_dict: Mapping[str, torch.Tensor]) -> int:
+    return sum(tensor.numel() * tensor.element_size() for tensor in state_dict.values())
 
 
 @contextlib.contextmanager
@@ -757,8 +762,10 @@ def convert_checkpoint(
     if report:
         raise ConversionError(f"the checkpoint does not fit the configuration: {report.describe()}")
     prefix = "internimage." if config.pooler_type is None else ""
+    weight_bytes = _size_in_bytes(official)
     state_dict = {
-        renames[key][len(prefix):]: official[key].contiguous() for key in _progress(list(official), "mapping")
+        renames[key][len(prefix):]: official[key].contiguous()
+        for key in _progress(list(official), "Mapping tensors", weight_bytes)
     }
     model = build_empty_model(config)
     model.load_state_dict(state_dict, strict=True, assign=True)
@@ -771,7 +778,6 @@ def convert_checkpoint(
         write_json(staging / "preprocessor_config.json", preprocessor_config(config.image_size))
         write_model_card(staging / "README.md", config, variant, notes)
         if verify:
-            weight_bytes = sum(tensor.numel() * tensor.element_size() for tensor in state_dict.values())
             if weight_bytes > LARGE_CHECKPOINT_BYTES:
                 verify_tensors(staging, state_dict)
             else:

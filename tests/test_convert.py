@@ -473,3 +473,46 @@ def test_existing_output_folder_needs_overwrite(tmp_path, capsys):
     assert main([str(checkpoint), str(output), *options, "--overwrite"]) == 0
     assert not (output / "keep.txt").exists() and (output / "model.safetensors").is_file()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny_t_kwargs.json"]
+
+
+def test_large_checkpoints_are_verified_tensor_by_tensor(tmp_path, monkeypatch):
+    monkeypatch.setattr(convert_checkpoints, "LARGE_CHECKPOINT_BYTES", 0)
+    monkeypatch.setattr(convert_checkpoints, "verify_by_reload", lambda *args: pytest.fail("reloaded a large model"))
+    checkpoint = FIXTURES / "models" / "tiny_t" / "checkpoint.pth"
+    kwargs_file = official_kwargs_file("tiny_t", tmp_path)
+    folder = convert_checkpoint(checkpoint, tmp_path / "out", official_config=kwargs_file, max_shard_size="200KB")
+    assert len(list(folder.glob("model-*.safetensors"))) > 1 and (folder / "model.safetensors.index.json").is_file()
+
+    def corrupt_first_shard(staging: Path, state_dict: dict) -> None:
+        from safetensors.torch import load_file, save_file
+
+        shard = sorted(staging.glob("model-*.safetensors"))[0]
+        tensors = load_file(shard)
+        save_file({key: value + 1 for key, value in tensors.items()}, shard, metadata={"format": "pt"})
+        original_verify(staging, state_dict)
+
+    original_verify = convert_checkpoints.verify_tensors
+    monkeypatch.setattr(convert_checkpoints, "verify_tensors", corrupt_first_shard)
+    with pytest.raises(ConversionError, match="written tensor .* differs from the source"):
+        convert_checkpoint(checkpoint, tmp_path / "bad", official_config=kwargs_file, max_shard_size="200KB")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny_t_kwargs.json"]
+
+
+def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch):
+    def interrupt(*args) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(convert_checkpoints, "write_model_card", interrupt)
+    options = ["--official-config", str(official_kwargs_file("tiny_t", tmp_path))]
+    assert main([str(FIXTURES / "models" / "tiny_t" / "checkpoint.pth"), str(tmp_path / "out"), *options]) == 130
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny_t_kwargs.json"]
+
+
+def test_model_card_of_a_release(tmp_path):
+    config = convert_checkpoints.finalize_config(InternImageConfig.from_variant("internimage_xl_22kto1k_384"))
+    convert_checkpoints.write_model_card(tmp_path / "README.md", config, "internimage_xl_22kto1k_384", [])
+    card = (tmp_path / "README.md").read_text()
+    header = card.split("---\n")[1]
+    assert "pipeline_tag: image-classification" in header and "- imagenet-1k" in header and "license: mit" in header
+    assert "88.0 % ImageNet-1k top-1, 335M parameters" in card and "Resolution: 384" in card
+    assert "CLIPImageProcessor.from_pretrained(model_name)" in card
