@@ -748,6 +748,9 @@ def convert_checkpoint(
     official = source.state_dict
     config, variant = _resolve_config(official, input_path, variant, official_config, image_size)
     notes = [f"Source: `{input_path.name}` ({source.source_format})."]
+    if source.ignored_keys:
+        logger.warning(f"Ignoring {len(source.ignored_keys)} non-backbone tensors (e.g. {source.ignored_keys[0]})")
+        notes.append(f"{len(source.ignored_keys)} non-backbone tensors of the source (neck, heads) were left out.")
     if head_1k:
         if official.get("head.weight") is None or official["head.weight"].shape[0] != NUM_LABELS["imagenet-22k"]:
             raise ConversionError("--head-1k needs a checkpoint with an ImageNet-22k head (21841 classes)")
