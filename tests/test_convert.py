@@ -243,6 +243,7 @@ def test_detection_checkpoint_becomes_a_backbone(tmp_path):
 
     config = json.loads((folder / "config.json").read_text())
     assert config["pooler_type"] is None and config["architectures"] == ["InternImageModel"]
+    assert "2 non-backbone tensors of the source" in (folder / "README.md").read_text()
     model = InternImageModel.from_pretrained(folder).eval()
     pixel_values, expected = expected_outputs("tiny_t")
     with torch.no_grad():
