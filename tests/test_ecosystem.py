@@ -135,12 +135,14 @@ def test_frozen_stages_follow_the_official_detection_backbone(tmp_path):
 
 def test_upernet_on_internimage_forward_backward_and_round_trip(tmp_path):
     from transformers import AutoBackbone, UperNetConfig, UperNetForSemanticSegmentation
+    from transformers.backbone_utils import load_backbone
 
     register_internimage()
     register_internimage()  # idempotent
     backbone_config = InternImageConfig(channels=8, depths=[1, 1, 2, 1], groups=[2, 4, 8, 16], drop_path_rate=0.0)
     assert type(AutoBackbone.from_config(backbone_config)) is InternImageBackbone
     config = UperNetConfig(backbone_config=backbone_config, hidden_size=16, auxiliary_in_channels=32, num_labels=3)
+    assert type(load_backbone(config)) is InternImageBackbone
     torch.manual_seed(0)
     model = UperNetForSemanticSegmentation(config)
     pixel_values = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
@@ -151,8 +153,8 @@ def test_upernet_on_internimage_forward_backward_and_round_trip(tmp_path):
     assert model.backbone.embeddings.conv1.weight.grad.abs().sum() > 0
     assert model.backbone.encoder.stages[3].layers[0].dcn.output_proj.weight.grad.abs().sum() > 0
 
-    model.eval().save_pretrained(tmp_path)
-    reloaded = UperNetForSemanticSegmentation.from_pretrained(tmp_path).eval()
+    model.eval().save_pretrained(tmp_path / "upernet")
+    reloaded = UperNetForSemanticSegmentation.from_pretrained(tmp_path / "upernet").eval()
     assert type(reloaded.backbone) is InternImageBackbone
     with torch.no_grad():
         torch.testing.assert_close(reloaded(pixel_values).logits, model(pixel_values).logits, rtol=0, atol=0)
@@ -243,7 +245,12 @@ import json, re, sys, torch
 readme, folder, image, out, root = sys.argv[1:6]
 sys.path.insert(0, root)
 text = open(readme).read()
-results = {}
+from transformers import AutoBackbone, AutoConfig
+# transformers 5.23's AutoBackbone.from_pretrained treats a local folder as a Hub repo id; from_config resolves auto_map
+remote_config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
+remote_backbone = AutoBackbone.from_config(remote_config, trust_remote_code=True)
+results = {"remote_backbone": [type(remote_backbone).__module__, type(remote_backbone).__name__,
+                               [list(f.shape) for f in remote_backbone(torch.zeros(1, 3, 64, 64)).feature_maps]]}
 # The backbone section runs last: after its `register_internimage()`, the Auto classes use the local classes.
 for heading in ("Pipelines", "Large variants and low-memory loading", "Half precision", "torch.compile",
                 "Dense prediction backbone"):
@@ -303,6 +310,9 @@ def test_readme_snippets_and_pipelines(tmp_path):
     assert results["segmentation_logits"] == [1, 150, 64, 64]
     assert results["half_logits"] == [1, 10] and results["compiled_logits"] == [1, 10]
     assert all(module.startswith("transformers_modules.") for module in results["classes"]), results["classes"]
+    module, class_name, shapes = results["remote_backbone"]
+    assert module.startswith("transformers_modules.") and class_name == "InternImageBackbone"
+    assert shapes == results["feature_maps"]
     assert len(list((tmp_path / "results.json.sharded").glob("*.safetensors"))) > 1
 
 
