@@ -213,6 +213,23 @@ def test_detection_needs_the_resolution_when_only_that_differs():
     assert detect_variant(l_backbone, "weights.pth") == "internimage_l_22kto1k_384"  # same backbone, same size
 
 
+def test_release_flags_that_shapes_cannot_show_come_from_the_table():
+    l_state_dict = manifest_state_dict(FIXTURES / "manifests" / "internimage_l_22kto1k_384.json")
+    config, variant = convert_checkpoints._resolve_config(l_state_dict, Path("l.pth"), None, None, None)
+    assert variant == "internimage_l_22kto1k_384" and config.offset_scale == 2.0 and config.image_size == 384
+    assert config.post_norm and config.layer_scale_init_value == 1e-5 and config.pooler_type == "conv"
+    g_backbone = {
+        key: value
+        for key, value in manifest_state_dict(FIXTURES / "manifests" / "internimage_g_22kto1k_512.json").items()
+        if key.startswith(("patch_embed.", "levels."))
+    }
+    config, variant = convert_checkpoints._resolve_config(
+        g_backbone, Path("upernet_g.pth"), "internimage_g_22kto1k_512", None, 896
+    )
+    assert config.pooler_type is None and config.post_norm and config.center_feature_scale
+    assert config.stage3_post_norm_block_ids == [5, 11, 17, 23, 29, 35, 41, 47] and config.image_size == 896
+
+
 def test_wrong_variant_names_the_mismatching_keys(tmp_path):
     with pytest.raises(ConversionError, match=r"does not match --variant internimage_t_1k_224: .*mis-shaped"):
         convert_checkpoint(FIXTURES / "models" / "tiny_t" / "checkpoint.pth", tmp_path / "out",
