@@ -802,18 +802,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description="Convert an official InternImage checkpoint into a Hugging Face model folder (remote code).",
     )
-    parser.add_argument("input", nargs="?", help="official checkpoint (.pth, .bin or .safetensors)")
-    parser.add_argument("output_dir", nargs="?", help="folder to write (must not exist or be empty)")
+    parser.add_argument("input", nargs="?", metavar="INPUT", help="official checkpoint (.pth, .bin or .safetensors)")
+    parser.add_argument("output_dir", nargs="?", metavar="OUTPUT_DIR", help="folder to write (absent or empty)")
     source = parser.add_mutually_exclusive_group()
-    source.add_argument("--variant", choices=list(VARIANTS), help="released architecture (default: detected)")
+    source.add_argument(
+        "--variant",
+        metavar="NAME",
+        choices=list(VARIANTS),
+        help=f"released architecture, detected by default; one of {', '.join(VARIANTS)}",
+    )
     source.add_argument(
         "--official-config", metavar="FILE", help="official training YAML or JSON of the constructor kwargs"
     )
-    parser.add_argument("--image-size", type=int, help="resolution of the weights (default: the release's, or 224)")
+    parser.add_argument(
+        "--image-size", type=int, metavar="N", help="resolution of the weights (default: the release's, or 224)"
+    )
     parser.add_argument("--head-1k", action="store_true", help="reduce an ImageNet-22k head to ImageNet-1k")
     parser.add_argument("--no-verify", action="store_true", help="skip reloading and comparing the written folder")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
-    parser.add_argument("--max-shard-size", default="2GB", help="largest safetensors shard (default 2GB)")
+    parser.add_argument("--max-shard-size", default="2GB", metavar="SIZE", help="largest shard (default 2GB)")
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this Hub repository")
     parser.add_argument(
         "--write-repo-config",
