@@ -120,7 +120,9 @@ def test_backbone_out_features_and_config_round_trip(tmp_path):
 
 
 def test_frozen_stages_follow_the_official_detection_backbone(tmp_path):
-    config = InternImageConfig(channels=8, depths=[1, 1, 1, 1], groups=[2, 4, 8, 16], frozen_stages=2)
+    config = InternImageConfig(
+        channels=8, depths=[1, 1, 1, 1], groups=[2, 4, 8, 16], frozen_stages=2, drop_path_rate=0.0
+    )
     InternImageBackbone(config).save_pretrained(tmp_path)
     backbone = InternImageBackbone.from_pretrained(tmp_path).train()
     for index, stage in enumerate(backbone.encoder.stages):
