@@ -120,7 +120,7 @@ if triton is not None:
         for i in tl.static_range(KERNEL_W):
             for j in tl.static_range(KERNEL_H):
                 if not (REMOVE_CENTER and i * KERNEL_H + j == center_point):
-                    point: tl.constexpr = i * KERNEL_H + j - (REMOVE_CENTER and i * KERNEL_H + j > center_point)
+                    point = i * KERNEL_H + j - REMOVE_CENTER * (i * KERNEL_H + j > center_point)
                     x0, y0, fx, fy, weight = _sampling_point(
                         offset_ptr, mask_ptr, offset_rows, mask_rows, w_valid, point,
                         dilation_w * i - center_w, dilation_h * j - center_h, base_x, base_y,
@@ -128,10 +128,12 @@ if triton is not None:
                     )
                     bottom = weight * fy
                     top = weight - bottom
-                    for corner_y, corner_x, corner_weight in (
-                        (y0, x0, top - top * fx), (y0, x0 + 1, top * fx),
-                        (y0 + 1, x0, bottom - bottom * fx), (y0 + 1, x0 + 1, bottom * fx),
-                    ):
+                    # Four corners written out: the Triton compiler only loops over ranges, not tuples.
+                    for corner in tl.static_range(4):
+                        corner_x = x0 + (corner % 2)
+                        corner_y = y0 + (corner // 2)
+                        row_weight = bottom if corner // 2 else top
+                        corner_weight = row_weight * fx if corner % 2 else row_weight - row_weight * fx
                         ptrs, valid = _corner(
                             image_base, corner_x, corner_y, height, width, channels, channel_ids, channel_valid, w_valid
                         )
@@ -169,7 +171,7 @@ if triton is not None:
         for i in tl.static_range(KERNEL_W):
             for j in tl.static_range(KERNEL_H):
                 if not (REMOVE_CENTER and i * KERNEL_H + j == center_point):
-                    point: tl.constexpr = i * KERNEL_H + j - (REMOVE_CENTER and i * KERNEL_H + j > center_point)
+                    point = i * KERNEL_H + j - REMOVE_CENTER * (i * KERNEL_H + j > center_point)
                     x0, y0, fx, fy, weight = _sampling_point(
                         offset_ptr, mask_ptr, offset_rows, mask_rows, w_valid, point,
                         dilation_w * i - center_w, dilation_h * j - center_h, base_x, base_y,
