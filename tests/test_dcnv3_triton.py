@@ -297,3 +297,26 @@ def test_gpu_opcheck():
     tensors, arguments = random_case(2, 6, 7, 2, 12, device="cuda")
     tensors = [t.float().requires_grad_() for t in tensors]
     torch.library.opcheck(torch.ops.internimage.dcnv3_triton_forward.default, (*tensors, *arguments))
+
+
+@needs_triton
+@pytest.mark.skipif(INTERPRETING, reason="compiles the kernels with the real compiler, not the interpreter")
+@pytest.mark.parametrize("dtype, kernel, remove_center", [("fp16", 3, 1)])
+def test_kernels_compile_for_sm90_without_a_gpu(dtype, kernel, remove_center):
+    """The interpreter accepts Python the compiler rejects (e.g. loops over tuples): build sm_90 code on the host."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    scalars = ("height", "width", "height_out", "width_out", "group", "group_channels", "stride_h", "stride_w",
+               "pad_h", "pad_w", "dilation_h", "dilation_w", "center_h", "center_w", "NUM_POINTS_KEY")
+    constexprs = {"KERNEL_H": kernel, "KERNEL_W": kernel, "REMOVE_CENTER": remove_center, "BLOCK_C": 16,
+                  "ACC_DTYPE": dcnv3_triton.tl.float32, "BLOCK_W": 16}
+    for autotuner in (dcnv3_triton._dcnv3_forward_kernel, dcnv3_triton._dcnv3_backward_kernel):
+        function = autotuner.fn
+        signature = {name: "constexpr" if name in constexprs else "i32" if name in scalars else "fp32"
+                     if name == "offset_scale" else "*fp32" if name == "grad_input_ptr" else f"*{dtype}"
+                     for name in function.arg_names}
+        source = ASTSource(fn=function, signature=signature,
+                           constexprs={(function.arg_names.index(name),): value for name, value in constexprs.items()})
+        compiled = dcnv3_triton.triton.compile(source, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+        assert ".entry" in compiled.asm["ptx"]
