@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -77,6 +78,206 @@ def _sampling_positions(
     return x.to(dtype), y.to(dtype)
 
 
+class _BilinearSampling(NamedTuple):
+    """Where each sampling point reads the zero-bordered table (see `_zero_bordered_table`), and with what weight.
+
+    All (B, P) with B = N * H_out * W_out * G bags of P points, in the order of the output rows (n, i, j, g).
+    """
+
+    rows: torch.Tensor  # table row of the top-left bilinear corner (int32, or int64 for huge tables)
+    frac_x: torch.Tensor  # fractional position right of that corner, in the position dtype
+    frac_y: torch.Tensor  # fractional position below that corner
+    mask: torch.Tensor  # the modulation mask, in the position dtype
+    inside_x: torch.Tensor | None  # the unclamped position lies in the table (where it has a gradient)
+    inside_y: torch.Tensor | None
+    table_w: int
+
+    @property
+    def corner_shifts(self) -> tuple[int, int, int, int]:
+        """Row offsets of the four corners: top-left, top-right, bottom-left, bottom-right."""
+        return 0, 1, self.table_w, self.table_w + 1
+
+    def corner_weights(self, dtype: torch.dtype) -> list[torch.Tensor]:
+        """mask * bilinear weight of each corner, in `dtype`."""
+        bottom = self.mask * self.frac_y
+        top = self.mask - bottom
+        top_right, bottom_right = top * self.frac_x, bottom * self.frac_x
+        return [weight.to(dtype) for weight in (top - top_right, top_right, bottom - bottom_right, bottom_right)]
+
+
+def _zero_bordered_table(input: torch.Tensor, group: int, group_channels: int) -> torch.Tensor:
+    """(N * G * (H + 3) * (W + 3), Cg): pixel (y, x) of group g in image n is row
+    ((n * G + g) * (H + 3) + y + 1) * (W + 3) + x + 1; the border rows are zero."""
+    batch, height, width, _ = input.shape
+    table = input.reshape(batch, height, width, group, group_channels).permute(0, 3, 1, 2, 4)
+    return F.pad(table, (0, 0, 1, 2, 1, 2)).reshape(-1, group_channels)
+
+
+def _bilinear_sampling(
+    input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int, stride_h: int,
+    stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int, offset_scale: float,
+    remove_center: int, with_gradient_masks: bool = False,
+) -> _BilinearSampling:
+    """Table rows and bilinear fractions of every sampling point; positions are computed in float64 for float64
+    inputs and in float32 otherwise."""
+    batch, height, width, _ = input.shape
+    position_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    # Positions in the table's coordinates (one border pixel on the top and left).
+    x, y = _sampling_positions(
+        offset, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+        offset_scale, remove_center, position_dtype, shift=1.0,
+    )
+    num_points = x.shape[-1]
+    table_h, table_w = height + 3, width + 3
+    inside_x = inside_y = None
+    if with_gradient_masks:
+        inside_x = ((x >= 0) & (x <= width + 1)).view(-1, num_points)
+        inside_y = ((y >= 0) & (y <= height + 1)).view(-1, num_points)
+    # Clamping to [0, size + 1] keeps all four corners inside the table (a position outside the image only weights
+    # the zero border) and makes the integer conversion a floor.
+    x, y = x.clamp(0, width + 1), y.clamp(0, height + 1)
+    index_dtype = torch.int32 if batch * group * table_h * table_w < 2**31 else torch.int64
+    image_group = torch.arange(batch * group, device=input.device, dtype=index_dtype) * (table_h * table_w)
+    image_group = image_group.view(batch, 1, 1, group, 1).expand(batch, 1, 1, group, num_points)
+    # Pixel index in floating point (exact below 2**24 in float32), then one integer conversion.
+    pixel_dtype = x.dtype if table_h * table_w <= 2**24 else torch.float64
+    pixel = torch.add(x.trunc().to(pixel_dtype), y.trunc().to(pixel_dtype), alpha=table_w)
+    rows = pixel.to(index_dtype).add_(image_group).view(-1, num_points)
+    return _BilinearSampling(
+        rows=rows,
+        frac_x=torch.frac(x).view(-1, num_points),
+        frac_y=torch.frac(y).view(-1, num_points),
+        mask=mask.reshape(-1, num_points).to(position_dtype),
+        inside_x=inside_x,
+        inside_y=inside_y,
+        table_w=table_w,
+    )
+
+
+def _dcnv3_pytorch_forward(
+    input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int, stride_h: int,
+    stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int, group_channels: int,
+    offset_scale: float, remove_center: int,
+) -> torch.Tensor:
+    """The forward as plain differentiable PyTorch operators: four `F.embedding_bag` calls (one per bilinear
+    corner, no (N, H_out, W_out, G, P, Cg) intermediate) over the zero-bordered table."""
+    sampling = _bilinear_sampling(
+        input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+        offset_scale, remove_center,
+    )
+    table = _zero_bordered_table(input, group, group_channels)
+    output = None
+    for shift, weight in zip(sampling.corner_shifts, sampling.corner_weights(input.dtype)):
+        sampled = F.embedding_bag(sampling.rows, table[shift:], mode="sum", per_sample_weights=weight)
+        output = sampled if output is None else output + sampled
+    return output.view(*offset.shape[:3], input.shape[-1])
+
+
+def _dcnv3_pytorch_backward(
+    grad_output: torch.Tensor, input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int,
+    kernel_w: int, stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int,
+    group: int, group_channels: int, offset_scale: float, remove_center: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (input, offset, mask) of the forward for `grad_output`, computed directly (the sampling positions
+    are recomputed, which is cheap next to the rest).
+
+    Table gradient: the (row, bag) pairs are sorted by row once, so each corner's share is one `embedding_bag` over
+    the output gradient. Corner-weight gradients: dot products of the output gradient with the corner rows,
+    gathered once from a 2x2-neighbourhood table; the chain rule through the bilinear weights gives the mask and
+    position (offset) gradients.
+    """
+    sampling = _bilinear_sampling(
+        input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+        offset_scale, remove_center, with_gradient_masks=True,
+    )
+    batch, height, width, channels = input.shape
+    table = _zero_bordered_table(input, group, group_channels)
+    shifts = sampling.corner_shifts
+    num_bags, num_points = sampling.rows.shape
+    num_starts = table.shape[0] - shifts[-1]  # rows + shift < table rows for every corner
+    flat_rows = sampling.rows.view(-1)
+    grad_output = grad_output.to(input.dtype).reshape(num_bags, group_channels)
+
+    sorted_rows, order = flat_rows.sort()
+    bag_of_entry = order // num_points
+    starts = torch.arange(num_starts, device=input.device, dtype=flat_rows.dtype)
+    bag_offsets = torch.searchsorted(sorted_rows, starts)
+    grad_table = torch.zeros_like(table)
+    for shift, weight in zip(shifts, sampling.corner_weights(input.dtype)):
+        grad_table[shift : shift + num_starts] += F.embedding_bag(
+            bag_of_entry, grad_output, bag_offsets, mode="sum", per_sample_weights=weight.reshape(-1)[order]
+        )
+    grad_input = grad_table.view(batch, group, height + 3, width + 3, group_channels)[:, :, 1:-2, 1:-2]
+    grad_input = grad_input.permute(0, 2, 3, 1, 4).reshape(batch, height, width, channels)
+
+    neighbourhoods = torch.cat([table[shift : shift + num_starts] for shift in shifts], dim=1)
+    gathered = neighbourhoods.index_select(0, flat_rows).view(num_bags, num_points * len(shifts), group_channels)
+    products = torch.bmm(gathered, grad_output.unsqueeze(-1)).view(num_bags, num_points, len(shifts))
+    top_left, top_right, bottom_left, bottom_right = products.to(sampling.mask.dtype).unbind(-1)
+    frac_x, frac_y = sampling.frac_x, sampling.frac_y
+    top = torch.lerp(top_left, top_right, frac_x)
+    bottom = torch.lerp(bottom_left, bottom_right, frac_x)
+    grad_mask = torch.lerp(top, bottom, frac_y)
+    grad_x = sampling.mask * torch.lerp(top_right - top_left, bottom_right - bottom_left, frac_y)
+    grad_y = sampling.mask * (bottom - top)
+    grad_offset = torch.stack([grad_x * sampling.inside_x, grad_y * sampling.inside_y], dim=-1) * offset_scale
+    return grad_input, grad_offset.view(offset.shape).to(offset.dtype), grad_mask.view(mask.shape).to(mask.dtype)
+
+
+@torch.library.custom_op("internimage::dcnv3_pytorch_forward", mutates_args=())
+def dcnv3_pytorch_forward(
+    input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int, stride_h: int,
+    stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int, group_channels: int,
+    offset_scale: float, remove_center: int,
+) -> torch.Tensor:
+    """The PyTorch DCNv3 forward as one operator with its own backward (`dcnv3_pytorch_backward`).
+
+    Opaque to `torch.compile`: inductor's fused code for the index arithmetic is not vectorised on CPU and runs
+    slower than these eager operators, so a compiled model calls them and fuses everything around the op.
+    """
+    return _dcnv3_pytorch_forward(
+        input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+        group_channels, offset_scale, remove_center,
+    )
+
+
+@dcnv3_pytorch_forward.register_fake
+def _(input, offset, mask, *_):
+    return input.new_empty(*offset.shape[:3], input.shape[-1])
+
+
+@torch.library.custom_op("internimage::dcnv3_pytorch_backward", mutates_args=())
+def dcnv3_pytorch_backward(
+    grad_output: torch.Tensor, input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int,
+    kernel_w: int, stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int,
+    group: int, group_channels: int, offset_scale: float, remove_center: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (input, offset, mask) of `dcnv3_pytorch_forward` for `grad_output`."""
+    return _dcnv3_pytorch_backward(
+        grad_output, input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
+        dilation_w, group, group_channels, offset_scale, remove_center,
+    )
+
+
+@dcnv3_pytorch_backward.register_fake
+def _(grad_output, input, offset, mask, *_):
+    return torch.empty_like(input), torch.empty_like(offset), torch.empty_like(mask)
+
+
+def _save_inputs(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    input, offset, mask, *arguments = inputs
+    ctx.save_for_backward(input, offset, mask)
+    ctx.arguments = arguments
+
+
+def _backward(ctx, grad_output: torch.Tensor) -> tuple:
+    grads = dcnv3_pytorch_backward(grad_output, *ctx.saved_tensors, *ctx.arguments)
+    return (*grads, *([None] * len(ctx.arguments)))
+
+
+dcnv3_pytorch_forward.register_autograd(_backward, setup_context=_save_inputs)
+
+
 def dcnv3_core_pytorch(
     input: torch.Tensor,
     offset: torch.Tensor,
@@ -94,99 +295,25 @@ def dcnv3_core_pytorch(
     offset_scale: float,
     remove_center: int | bool,
 ) -> torch.Tensor:
-    """DCNv3 core in plain PyTorch, differentiable, on any device and floating dtype.
+    """DCNv3 core in PyTorch, differentiable w.r.t. input, offset and mask, on any device and floating dtype.
 
-    Each output is the mask- and bilinear-weighted sum of the 4 * P corner rows of its group, gathered by four
-    `F.embedding_bag` calls (one per corner, no (N, H_out, W_out, G, P, Cg) intermediate) from a zero-bordered copy
-    of the input. Positions are computed in float64 for float64 inputs and in float32 otherwise.
+    Each output is the mask- and bilinear-weighted sum of the 4 * P corner rows of its group, gathered from a
+    zero-bordered copy of the input. Positions are computed in float64 for float64 inputs and in float32 otherwise.
+    Under `torch.export` (ONNX) the op is traced into its plain operators instead of the opaque custom operator.
     """
-    batch, height, width, channels = input.shape
+    channels = input.shape[-1]
     if channels != group * group_channels:
         raise ValueError(f"input has {channels} channels, expected group * group_channels = {group * group_channels}")
-    position_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-    # Positions in the table's coordinates (one border pixel on the top and left).
-    x, y = _sampling_positions(
-        offset, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
-        offset_scale, int(remove_center), position_dtype, shift=1.0,
-    )
-    _, height_out, width_out, _, num_points = x.shape
+    num_points = kernel_h * kernel_w - int(remove_center)
     if mask.shape[-1] != group * num_points:
         raise ValueError(f"mask has {mask.shape[-1]} channels, expected group * points = {group * num_points}")
-
-    # Zero-bordered table (N * G * table_h * table_w, Cg): pixel (y, x) of group g in image n is row
-    # ((n * G + g) * table_h + y + 1) * table_w + x + 1. Clamping the positions to [0, size + 1] keeps all four
-    # bilinear corners inside the table (a position outside the image only weights the zero border), and makes
-    # the integer conversion a floor.
-    table_h, table_w = height + 3, width + 3
-    table = F.pad(input.view(batch, height, width, group, group_channels).permute(0, 3, 1, 2, 4), (0, 0, 1, 2, 1, 2))
-    table = table.reshape(-1, group_channels)
-    index_dtype = torch.int32 if table.shape[0] < 2**31 else torch.int64
-    x, y = x.clamp(0, width + 1), y.clamp(0, height + 1)
-    image_group = torch.arange(batch * group, device=input.device, dtype=index_dtype) * (table_h * table_w)
-    image_group = image_group.view(batch, 1, 1, group, 1).expand(batch, 1, 1, group, num_points)
-    # Pixel index in floating point (exact below 2**24 in float32), one integer conversion: compiled, this keeps the
-    # fused index kernel vectorised.
-    pixel_dtype = x.dtype if table_h * table_w <= 2**24 else torch.float64
-    pixel = torch.add(x.trunc().to(pixel_dtype), y.trunc().to(pixel_dtype), alpha=table_w)
-    rows = pixel.to(index_dtype).add_(image_group).view(-1, num_points)
-
-    mask = mask.view(batch, height_out, width_out, group, num_points).to(position_dtype)
-    frac_x = torch.frac(x)
-    bottom = mask * torch.frac(y)
-    top = mask - bottom
-    top_right, bottom_right = top * frac_x, bottom * frac_x
-    corner_weights = (top - top_right, top_right, bottom - bottom_right, bottom_right)
-    corner_weights = [weight.to(input.dtype).view(-1, num_points) for weight in corner_weights]
-    output = _BilinearCornerSum.apply(table, rows, table_w, *corner_weights)
-    return output.view(batch, height_out, width_out, channels)
-
-
-class _BilinearCornerSum(torch.autograd.Function):
-    """`sum_c embedding_bag(rows, table[shift_c:], weights_c)` over the four bilinear corners c, whose rows are
-    `rows + shift_c` with shifts (0, 1, table_w, table_w + 1).
-
-    Forward: four `F.embedding_bag` calls. Backward, several times faster on CPU than `embedding_bag`'s own: the
-    (row, bag) pairs are sorted by row once, so the table gradient of each corner is one `embedding_bag` over the
-    output gradient; the weight gradients are dot products with rows gathered once from a 2x2-neighbourhood table.
-    """
-
-    @staticmethod
-    def forward(ctx, table: torch.Tensor, rows: torch.Tensor, table_w: int, *weights: torch.Tensor) -> torch.Tensor:
-        """table (R, Cg), rows (B, K) int, weights 4 x (B, K) -> (B, Cg)."""
-        shifts = (0, 1, table_w, table_w + 1)
-        output = None
-        for shift, weight in zip(shifts, weights):
-            sampled = F.embedding_bag(rows, table[shift:], mode="sum", per_sample_weights=weight)
-            output = sampled if output is None else output + sampled
-        ctx.save_for_backward(table, rows, *weights)
-        ctx.shifts = shifts
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        table, rows, *weights = ctx.saved_tensors
-        shifts = ctx.shifts
-        num_bags, bag_size = rows.shape
-        num_starts = table.shape[0] - shifts[-1]  # rows + shift < table rows for every corner
-        flat_rows = rows.view(-1)
-        grad_output = grad_output.contiguous()
-        grad_table = grad_weights = None
-        if ctx.needs_input_grad[0]:
-            sorted_rows, order = flat_rows.sort()
-            bag_of_entry = order // bag_size
-            starts = torch.arange(num_starts, device=rows.device, dtype=rows.dtype)
-            offsets = torch.searchsorted(sorted_rows, starts)
-            grad_table = torch.zeros_like(table)
-            for shift, weight in zip(shifts, weights):
-                grad_table[shift : shift + num_starts] += F.embedding_bag(
-                    bag_of_entry, grad_output, offsets, mode="sum", per_sample_weights=weight.reshape(-1)[order]
-                )
-        if any(ctx.needs_input_grad[3:]):
-            neighbourhoods = torch.cat([table[shift : shift + num_starts] for shift in shifts], dim=1)
-            gathered = neighbourhoods.index_select(0, flat_rows).view(num_bags, bag_size * len(shifts), -1)
-            products = torch.bmm(gathered, grad_output.unsqueeze(-1)).view(num_bags, bag_size, len(shifts))
-            grad_weights = products.unbind(-1)
-        return grad_table, None, None, *(grad_weights or (None,) * len(shifts))
+    arguments = (
+        int(kernel_h), int(kernel_w), int(stride_h), int(stride_w), int(pad_h), int(pad_w), int(dilation_h),
+        int(dilation_w), int(group), int(group_channels), float(offset_scale), int(remove_center),
+    )
+    if torch.compiler.is_exporting():
+        return _dcnv3_pytorch_forward(input, offset, mask, *arguments)
+    return dcnv3_pytorch_forward(input, offset, mask, *arguments)
 
 
 def _cuda_extension_module():
