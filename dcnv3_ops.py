@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+from collections.abc import Iterator
 from typing import NamedTuple
 
 import torch
@@ -30,6 +31,7 @@ logger = logging.get_logger(__name__)
 
 BACKEND_ENV_VAR = "INTERNIMAGE_DCN_BACKEND"
 BACKENDS = ("auto", "triton", "cuda", "pytorch")
+_CPU_GATHER_CHUNK_BYTES = 2**21
 
 
 def dcnv3_output_size(size: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
@@ -97,12 +99,14 @@ class _BilinearSampling(NamedTuple):
         """Row offsets of the four corners: top-left, top-right, bottom-left, bottom-right."""
         return 0, 1, self.table_w, self.table_w + 1
 
-    def corner_weights(self, dtype: torch.dtype) -> list[torch.Tensor]:
-        """mask * bilinear weight of each corner, in `dtype`."""
+    def corner_weights(self, dtype: torch.dtype) -> Iterator[torch.Tensor]:
+        """mask * bilinear weight of each corner in `dtype`, one at a time (in the order of `corner_shifts`)."""
         bottom = self.mask * self.frac_y
         top = self.mask - bottom
-        top_right, bottom_right = top * self.frac_x, bottom * self.frac_x
-        return [weight.to(dtype) for weight in (top - top_right, top_right, bottom - bottom_right, bottom_right)]
+        for row_weight in (top, bottom):
+            right = row_weight * self.frac_x
+            yield (row_weight - right).to(dtype)
+            yield right.to(dtype)
 
 
 def _zero_bordered_table(input: torch.Tensor, group: int, group_channels: int) -> torch.Tensor:
@@ -134,19 +138,23 @@ def _bilinear_sampling(
         inside_x = ((x >= 0) & (x <= width + 1)).view(-1, num_points)
         inside_y = ((y >= 0) & (y <= height + 1)).view(-1, num_points)
     # Clamping to [0, size + 1] keeps all four corners inside the table (a position outside the image only weights
-    # the zero border) and makes the integer conversion a floor.
-    x, y = x.clamp(0, width + 1), y.clamp(0, height + 1)
+    # the zero border). x and y are fresh tensors: updated in place to keep the op's peak memory low.
+    x.clamp_(0, width + 1)
+    y.clamp_(0, height + 1)
+    frac_x, frac_y = torch.frac(x), torch.frac(y)
+    x.sub_(frac_x)  # the corner's column and row (exact: x - frac(x) == floor(x) for x >= 0)
+    y.sub_(frac_y)
     index_dtype = torch.int32 if batch * group * table_h * table_w < 2**31 else torch.int64
     image_group = torch.arange(batch * group, device=input.device, dtype=index_dtype) * (table_h * table_w)
     image_group = image_group.view(batch, 1, 1, group, 1).expand(batch, 1, 1, group, num_points)
     # Pixel index in floating point (exact below 2**24 in float32), then one integer conversion.
     pixel_dtype = x.dtype if table_h * table_w <= 2**24 else torch.float64
-    pixel = torch.add(x.trunc().to(pixel_dtype), y.trunc().to(pixel_dtype), alpha=table_w)
+    pixel = torch.add(x.to(pixel_dtype), y.to(pixel_dtype), alpha=table_w)
     rows = pixel.to(index_dtype).add_(image_group).view(-1, num_points)
     return _BilinearSampling(
         rows=rows,
-        frac_x=torch.frac(x).view(-1, num_points),
-        frac_y=torch.frac(y).view(-1, num_points),
+        frac_x=frac_x.view(-1, num_points),
+        frac_y=frac_y.view(-1, num_points),
         mask=mask.reshape(-1, num_points).to(position_dtype),
         inside_x=inside_x,
         inside_y=inside_y,
@@ -169,7 +177,7 @@ def _dcnv3_pytorch_forward(
     output = None
     for shift, weight in zip(sampling.corner_shifts, sampling.corner_weights(input.dtype)):
         sampled = F.embedding_bag(sampling.rows, table[shift:], mode="sum", per_sample_weights=weight)
-        output = sampled if output is None else output + sampled
+        output = sampled if output is None else output.add_(sampled)
     return output.view(*offset.shape[:3], input.shape[-1])
 
 
@@ -210,9 +218,19 @@ def _dcnv3_pytorch_backward(
     grad_input = grad_table.view(batch, group, height + 3, width + 3, group_channels)[:, :, 1:-2, 1:-2]
     grad_input = grad_input.permute(0, 2, 3, 1, 4).reshape(batch, height, width, channels)
 
+    # Dot products of each bag's output gradient with its 4 * P corner rows, in chunks of bags whose gathered rows
+    # stay cache-sized on CPU (about 3x faster than one big gather there).
     neighbourhoods = torch.cat([table[shift : shift + num_starts] for shift in shifts], dim=1)
-    gathered = neighbourhoods.index_select(0, flat_rows).view(num_bags, num_points * len(shifts), group_channels)
-    products = torch.bmm(gathered, grad_output.unsqueeze(-1)).view(num_bags, num_points, len(shifts))
+    products = grad_output.new_empty(num_bags, num_points * len(shifts), 1)
+    chunk = num_bags
+    if input.device.type == "cpu":
+        chunk = max(1, _CPU_GATHER_CHUNK_BYTES // (neighbourhoods[:1].nbytes * num_points))
+    for start in range(0, num_bags, chunk):
+        bags = slice(start, start + chunk)
+        gathered = neighbourhoods.index_select(0, sampling.rows[bags].reshape(-1))
+        torch.bmm(gathered.view(-1, num_points * len(shifts), group_channels), grad_output[bags].unsqueeze(-1),
+                  out=products[bags])
+    products = products.view(num_bags, num_points, len(shifts))
     top_left, top_right, bottom_left, bottom_right = products.to(sampling.mask.dtype).unbind(-1)
     frac_x, frac_y = sampling.frac_x, sampling.frac_y
     top = torch.lerp(top_left, top_right, frac_x)

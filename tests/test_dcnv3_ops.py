@@ -19,6 +19,7 @@ if str(ROOT) not in sys.path:
 
 from dcnv3_oracle import oracle_dcnv3_core, oracle_dcnv3_module_forward  # noqa: E402
 
+import dcnv3_ops  # noqa: E402
 from configuration_internimage import InternImageConfig  # noqa: E402
 from dcnv3_ops import dcnv3_core, dcnv3_core_pytorch, dcnv3_output_size  # noqa: E402
 from modeling_internimage import InternImageDCNv3  # noqa: E402
@@ -226,8 +227,6 @@ def test_module_forward_matches_official_structure(center_feature_scale):
     )
 
 
-
-
 def test_torch_compile_of_the_dispatch_matches_eager():
     """`dcnv3_core` (backend resolution included) compiles in one graph, with and without gradients."""
     inputs, args, grad_weight = random_case(batch=2, height=6, width=9, group=3, group_channels=4, seed=2)
@@ -240,3 +239,14 @@ def test_torch_compile_of_the_dispatch_matches_eager():
     torch.testing.assert_close(output, expected_output, rtol=0, atol=1e-5)
     for name in GRADIENTS:
         torch.testing.assert_close(grads[name], expected_grads[name], rtol=0, atol=1e-5)
+
+
+def test_backward_in_cache_sized_chunks_matches_one_pass(monkeypatch):
+    """The CPU backward gathers corner rows in chunks of bags; small chunks (the last one partial) change nothing."""
+    inputs, args, grad_weight = random_case(batch=2, height=7, width=9, seed=3)
+    expected_output, expected_grads = run_op(dcnv3_core_pytorch, inputs, args, grad_weight, torch.float64)
+    monkeypatch.setattr(dcnv3_ops, "_CPU_GATHER_CHUNK_BYTES", 6000)  # 5 of the 252 bags per chunk
+    output, grads = run_op(dcnv3_core_pytorch, inputs, args, grad_weight, torch.float64)
+    torch.testing.assert_close(output, expected_output, rtol=0, atol=0)
+    for name in GRADIENTS:
+        torch.testing.assert_close(grads[name], expected_grads[name], rtol=0, atol=1e-12)
