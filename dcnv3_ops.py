@@ -204,7 +204,7 @@ def _dcnv3_pytorch_backward(
     num_bags, num_points = sampling.rows.shape
     num_starts = table.shape[0] - shifts[-1]  # rows + shift < table rows for every corner
     flat_rows = sampling.rows.view(-1)
-    grad_output = grad_output.to(input.dtype).reshape(num_bags, group_channels)
+    grad_output = grad_output.to(input.dtype).reshape(num_bags, group_channels).contiguous()
 
     sorted_rows, order = flat_rows.sort()
     bag_of_entry = order // num_points
@@ -242,43 +242,11 @@ def _dcnv3_pytorch_backward(
     return grad_input, grad_offset.view(offset.shape).to(offset.dtype), grad_mask.view(mask.shape).to(mask.dtype)
 
 
-@torch.library.custom_op("internimage::dcnv3_pytorch_forward", mutates_args=())
-def dcnv3_pytorch_forward(
-    input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int, stride_h: int,
-    stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int, group_channels: int,
-    offset_scale: float, remove_center: int,
-) -> torch.Tensor:
-    """The PyTorch DCNv3 forward as one operator with its own backward (`dcnv3_pytorch_backward`).
-
-    Opaque to `torch.compile`: inductor's fused code for the index arithmetic is not vectorised on CPU and runs
-    slower than these eager operators, so a compiled model calls them and fuses everything around the op.
-    """
-    return _dcnv3_pytorch_forward(
-        input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
-        group_channels, offset_scale, remove_center,
-    )
-
-
-@dcnv3_pytorch_forward.register_fake
-def _(input, offset, mask, *_):
+def _fake_forward(input, offset, mask, *_):
     return input.new_empty(*offset.shape[:3], input.shape[-1])
 
 
-@torch.library.custom_op("internimage::dcnv3_pytorch_backward", mutates_args=())
-def dcnv3_pytorch_backward(
-    grad_output: torch.Tensor, input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int,
-    kernel_w: int, stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int,
-    group: int, group_channels: int, offset_scale: float, remove_center: int,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (input, offset, mask) of `dcnv3_pytorch_forward` for `grad_output`."""
-    return _dcnv3_pytorch_backward(
-        grad_output, input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h,
-        dilation_w, group, group_channels, offset_scale, remove_center,
-    )
-
-
-@dcnv3_pytorch_backward.register_fake
-def _(grad_output, input, offset, mask, *_):
+def _fake_backward(grad_output, input, offset, mask, *_):
     return torch.empty_like(input), torch.empty_like(offset), torch.empty_like(mask)
 
 
@@ -289,11 +257,30 @@ def _save_inputs(ctx, inputs: tuple, output: torch.Tensor) -> None:
 
 
 def _backward(ctx, grad_output: torch.Tensor) -> tuple:
-    grads = dcnv3_pytorch_backward(grad_output, *ctx.saved_tensors, *ctx.arguments)
+    grads = torch.ops.internimage.dcnv3_pytorch_backward(grad_output, *ctx.saved_tensors, *ctx.arguments)
     return (*grads, *([None] * len(ctx.arguments)))
 
 
-dcnv3_pytorch_forward.register_autograd(_backward, setup_context=_save_inputs)
+def _register_pytorch_operators() -> None:
+    """Register `internimage::dcnv3_pytorch_forward` (with autograd) and `internimage::dcnv3_pytorch_backward`.
+
+    As custom operators the forward and backward are opaque to `torch.compile`: inductor's fused code for the index
+    arithmetic is not vectorised on CPU and runs slower than these eager operators, so a compiled model calls them
+    and fuses everything around the op.
+    """
+    forward = torch.library.custom_op("internimage::dcnv3_pytorch_forward", _dcnv3_pytorch_forward, mutates_args=())
+    backward = torch.library.custom_op(
+        "internimage::dcnv3_pytorch_backward", _dcnv3_pytorch_backward, mutates_args=()
+    )
+    forward.register_fake(_fake_forward)
+    backward.register_fake(_fake_backward)
+    forward.register_autograd(_backward, setup_context=_save_inputs)
+
+
+# Once per process: this file can be imported under several names (from the repository root and as the remote code
+# of each loaded folder), and registering an operator again would invalidate the handles the first copy holds.
+if not hasattr(torch.ops.internimage, "dcnv3_pytorch_forward"):
+    _register_pytorch_operators()
 
 
 def dcnv3_core_pytorch(
@@ -331,7 +318,7 @@ def dcnv3_core_pytorch(
     )
     if torch.compiler.is_exporting():
         return _dcnv3_pytorch_forward(input, offset, mask, *arguments)
-    return dcnv3_pytorch_forward(input, offset, mask, *arguments)
+    return torch.ops.internimage.dcnv3_pytorch_forward(input, offset, mask, *arguments)
 
 
 def _cuda_extension_module():

@@ -289,7 +289,8 @@ def _validate(
     return height_out, width_out
 
 
-if triton is not None:
+# Registered once per process, for the reason given in dcnv3_ops.py.
+if triton is not None and not hasattr(torch.ops.internimage, "dcnv3_triton_forward"):
 
     @torch.library.custom_op("internimage::dcnv3_triton_forward", mutates_args=())
     def dcnv3_triton_forward(
@@ -382,7 +383,7 @@ def dcnv3_triton(
     """
     if triton is None:
         raise RuntimeError("The Triton DCNv3 kernels need the `triton` package: `pip install triton`")
-    return dcnv3_triton_forward(
+    return torch.ops.internimage.dcnv3_triton_forward(
         input, offset, mask, int(kernel_h), int(kernel_w), int(stride_h), int(stride_w), int(pad_h), int(pad_w),
         int(dilation_h), int(dilation_w), int(group), int(group_channels), float(offset_scale), int(remove_center),
     )

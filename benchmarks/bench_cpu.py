@@ -3,8 +3,9 @@
 The oracle (`tests/dcnv3_oracle.py`) is the official grid_sample formulation of the op inside the official DCNv3
 module forward; the model is otherwise the same instance (same weights, same stem, MLPs, norms and head), so the
 ratios measure the DCN core and the block forward code. Ours and the oracle run interleaved in one process, and
-each number is the median over `--reps` repetitions. Peak memory is the resident-memory high-water mark that one
-forward adds on top of the weights and the input (Linux: /proc/self/status after /proc/self/clear_refs).
+each time is the median over `--reps` repetitions. Peak memory is the median over 3 forwards of the resident-memory
+high-water mark that one forward adds on top of the weights and the input (Linux: /proc/self/status after
+/proc/self/clear_refs).
 
     python benchmarks/bench_cpu.py                      # batch 8, 224x224, eager + torch.compile, op alone
     python benchmarks/bench_cpu.py --no-compile --reps 3
@@ -37,6 +38,7 @@ from modeling_internimage import InternImageDCNv3, InternImageForImageClassifica
 
 # (height = width, channels, groups) of the DCNv3 core in the four stages of InternImage-T at 224x224.
 T_STAGE_SHAPES = ((56, 64, 4), (28, 128, 8), (14, 256, 16), (7, 512, 32))
+MEMORY_REPS = 3
 
 
 def build_models(image_size: int) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -100,7 +102,11 @@ def bench_model(args: argparse.Namespace, compiled: bool) -> None:
         for run in runs.values():
             run()
         times = interleaved_medians(runs, args.reps)
-        memory = {name: peak_memory_mib(run) for name, run in runs.items()}
+        peaks = {name: [] for name in runs}
+        for _ in range(MEMORY_REPS):  # the high-water mark varies with the heap's state: median of a few
+            for name, run in runs.items():
+                peaks[name].append(peak_memory_mib(run))
+        memory = {name: statistics.median(values) for name, values in peaks.items()}
     mode = "compiled" if compiled else "eager"
     print(f"\n## Whole model, InternImage-T, batch {args.batch}, {args.image_size}x{args.image_size}, {mode}")
     print(f"first calls (incl. compilation): {warmup:.1f} s; max |logits ours - oracle| = {difference:.2e}")

@@ -7,6 +7,7 @@ the DCNv3 module (our forward vs the official module forward).
 
 from __future__ import annotations
 
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -250,3 +251,26 @@ def test_backward_in_cache_sized_chunks_matches_one_pass(monkeypatch):
     torch.testing.assert_close(output, expected_output, rtol=0, atol=0)
     for name in GRADIENTS:
         torch.testing.assert_close(grads[name], expected_grads[name], rtol=0, atol=1e-12)
+
+
+def test_operators_are_registered_once_per_process(monkeypatch):
+    """Loading the op files again under other names (as remote code does) must not register the custom operators
+    again: that invalidates the handles the first copy holds (the converter's reload check crashed on it)."""
+    registered = []
+    register = torch.library.custom_op
+
+    def recording_register(name, *args, **kwargs):
+        registered.append(name)
+        return register(name, *args, **kwargs)
+
+    monkeypatch.setattr(torch.library, "custom_op", recording_register)
+    for name in ("dcnv3_ops", "dcnv3_triton"):
+        spec = importlib.util.spec_from_file_location(f"second_copy_of_{name}", ROOT / f"{name}.py")
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    assert registered == []
+    inputs, args, grad_weight = random_case()
+    output, grads = run_op(dcnv3_core_pytorch, inputs, args, grad_weight, torch.float64)
+    expected_output, expected_grads = run_op(oracle_dcnv3_core, inputs, args, grad_weight, torch.float64)
+    torch.testing.assert_close(output, expected_output, rtol=0, atol=1e-10)
+    for name in GRADIENTS:
+        torch.testing.assert_close(grads[name], expected_grads[name], rtol=0, atol=1e-10)
