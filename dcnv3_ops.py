@@ -261,12 +261,12 @@ def _backward(ctx, grad_output: torch.Tensor) -> tuple:
     return (*grads, *([None] * len(ctx.arguments)))
 
 
-def _register_pytorch_operators() -> None:
+def _register_pytorch_operators() -> tuple:
     """Register `internimage::dcnv3_pytorch_forward` (with autograd) and `internimage::dcnv3_pytorch_backward`.
 
     As custom operators the forward and backward are opaque to `torch.compile`: inductor's fused code for the index
     arithmetic is not vectorised on CPU and runs slower than these eager operators, so a compiled model calls them
-    and fuses everything around the op.
+    and fuses everything around the op. Returns both definitions, which the module keeps alive.
     """
     forward = torch.library.custom_op("internimage::dcnv3_pytorch_forward", _dcnv3_pytorch_forward, mutates_args=())
     backward = torch.library.custom_op(
@@ -275,12 +275,13 @@ def _register_pytorch_operators() -> None:
     forward.register_fake(_fake_forward)
     backward.register_fake(_fake_backward)
     forward.register_autograd(_backward, setup_context=_save_inputs)
+    return forward, backward
 
 
 # Once per process: this file can be imported under several names (from the repository root and as the remote code
 # of each loaded folder), and registering an operator again would invalidate the handles the first copy holds.
 if not hasattr(torch.ops.internimage, "dcnv3_pytorch_forward"):
-    _register_pytorch_operators()
+    _PYTORCH_OPERATORS = _register_pytorch_operators()
 
 
 def dcnv3_core_pytorch(
