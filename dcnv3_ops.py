@@ -144,7 +144,9 @@ def _bilinear_sampling(
     frac_x, frac_y = torch.frac(x), torch.frac(y)
     x.sub_(frac_x)  # the corner's column and row (exact: x - frac(x) == floor(x) for x >= 0)
     y.sub_(frac_y)
-    index_dtype = torch.int32 if batch * group * table_h * table_w < 2**31 else torch.int64
+    # int64 when exporting: ONNX graphs with a dynamic batch mix the index arithmetic with int64 shape values.
+    huge = torch.compiler.is_exporting() or batch * group * table_h * table_w >= 2**31
+    index_dtype = torch.int64 if huge else torch.int32
     image_group = torch.arange(batch * group, device=input.device, dtype=index_dtype) * (table_h * table_w)
     image_group = image_group.view(batch, 1, 1, group, 1).expand(batch, 1, 1, group, num_points)
     # Pixel index in floating point (exact below 2**24 in float32), then one integer conversion.
