@@ -21,9 +21,11 @@ import torch.nn.functional as F
 from transformers.utils import logging
 
 try:
+    from .dcnv3_custom_ops import dcnv3_output_size, register_dcnv3_operators
     from .dcnv3_triton import dcnv3_triton
     from .dcnv3_triton import is_available as triton_is_available
 except ImportError:
+    from dcnv3_custom_ops import dcnv3_output_size, register_dcnv3_operators
     from dcnv3_triton import dcnv3_triton
     from dcnv3_triton import is_available as triton_is_available
 
@@ -32,11 +34,6 @@ logger = logging.get_logger(__name__)
 BACKEND_ENV_VAR = "INTERNIMAGE_DCN_BACKEND"
 BACKENDS = ("auto", "triton", "cuda", "pytorch")
 _CPU_GATHER_CHUNK_BYTES = 2**21
-
-
-def dcnv3_output_size(size: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
-    """Spatial output size of the DCNv3 core along one axis."""
-    return (size + 2 * pad - (dilation * (kernel - 1) + 1)) // stride + 1
 
 
 def _kernel_taps(kernel: int, dilation: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -145,8 +142,8 @@ def _bilinear_sampling(
     x.sub_(frac_x)  # the corner's column and row (exact: x - frac(x) == floor(x) for x >= 0)
     y.sub_(frac_y)
     # int64 when exporting: ONNX graphs with a dynamic batch mix the index arithmetic with int64 shape values.
-    huge = torch.compiler.is_exporting() or batch * group * table_h * table_w >= 2**31
-    index_dtype = torch.int64 if huge else torch.int32
+    needs_int64 = torch.compiler.is_exporting() or batch * group * table_h * table_w >= 2**31
+    index_dtype = torch.int64 if needs_int64 else torch.int32
     image_group = torch.arange(batch * group, device=input.device, dtype=index_dtype) * (table_h * table_w)
     image_group = image_group.view(batch, 1, 1, group, 1).expand(batch, 1, 1, group, num_points)
     # Pixel index in floating point (exact below 2**24 in float32), then one integer conversion.
@@ -244,46 +241,9 @@ def _dcnv3_pytorch_backward(
     return grad_input, grad_offset.view(offset.shape).to(offset.dtype), grad_mask.view(mask.shape).to(mask.dtype)
 
 
-def _fake_forward(input, offset, mask, *_):
-    return input.new_empty(*offset.shape[:3], input.shape[-1])
-
-
-def _fake_backward(grad_output, input, offset, mask, *_):
-    return torch.empty_like(input), torch.empty_like(offset), torch.empty_like(mask)
-
-
-def _save_inputs(ctx, inputs: tuple, output: torch.Tensor) -> None:
-    input, offset, mask, *arguments = inputs
-    ctx.save_for_backward(input, offset, mask)
-    ctx.arguments = arguments
-
-
-def _backward(ctx, grad_output: torch.Tensor) -> tuple:
-    grads = torch.ops.internimage.dcnv3_pytorch_backward(grad_output, *ctx.saved_tensors, *ctx.arguments)
-    return (*grads, *([None] * len(ctx.arguments)))
-
-
-def _register_pytorch_operators() -> tuple:
-    """Register `internimage::dcnv3_pytorch_forward` (with autograd) and `internimage::dcnv3_pytorch_backward`.
-
-    As custom operators the forward and backward are opaque to `torch.compile`: inductor's fused code for the index
-    arithmetic is not vectorised on CPU and runs slower than these eager operators, so a compiled model calls them
-    and fuses everything around the op. Returns both definitions, which the module keeps alive.
-    """
-    forward = torch.library.custom_op("internimage::dcnv3_pytorch_forward", _dcnv3_pytorch_forward, mutates_args=())
-    backward = torch.library.custom_op(
-        "internimage::dcnv3_pytorch_backward", _dcnv3_pytorch_backward, mutates_args=()
-    )
-    forward.register_fake(_fake_forward)
-    backward.register_fake(_fake_backward)
-    forward.register_autograd(_backward, setup_context=_save_inputs)
-    return forward, backward
-
-
-# Once per process: this file can be imported under several names (from the repository root and as the remote code
-# of each loaded folder), and registering an operator again would invalidate the handles the first copy holds.
-if not hasattr(torch.ops.internimage, "dcnv3_pytorch_forward"):
-    _PYTORCH_OPERATORS = _register_pytorch_operators()
+# Opaque to `torch.compile` as a custom operator: inductor's fused code for the index arithmetic is not vectorised
+# on CPU and runs slower than these eager operators, so a compiled model calls them and fuses everything around.
+dcnv3_pytorch_operator = register_dcnv3_operators("dcnv3_pytorch", _dcnv3_pytorch_forward, _dcnv3_pytorch_backward)
 
 
 def dcnv3_core_pytorch(
@@ -321,7 +281,7 @@ def dcnv3_core_pytorch(
     )
     if torch.compiler.is_exporting():
         return _dcnv3_pytorch_forward(input, offset, mask, *arguments)
-    return torch.ops.internimage.dcnv3_pytorch_forward(input, offset, mask, *arguments)
+    return dcnv3_pytorch_operator(input, offset, mask, *arguments)
 
 
 def _cuda_extension_module():

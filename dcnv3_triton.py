@@ -21,6 +21,11 @@ import os
 import torch
 
 try:
+    from .dcnv3_custom_ops import dcnv3_output_size, register_dcnv3_operators
+except ImportError:
+    from dcnv3_custom_ops import dcnv3_output_size, register_dcnv3_operators
+
+try:
     import triton
     import triton.language as tl
 except ImportError:  # the module still imports; `is_available()` says False
@@ -259,10 +264,6 @@ def _launch_settings(
     return grid, scalars, constexprs
 
 
-def _output_size(size: int, kernel: int, stride: int, pad: int, dilation: int) -> int:
-    return (size + 2 * pad - (dilation * (kernel - 1) + 1)) // stride + 1
-
-
 def _validate(
     input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int, stride_h: int,
     stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int, group_channels: int,
@@ -276,8 +277,8 @@ def _validate(
     if not input.is_floating_point():
         raise ValueError(f"input must be a floating tensor, got {input.dtype}")
     batch, height, width, _ = input.shape
-    height_out = _output_size(height, kernel_h, stride_h, pad_h, dilation_h)
-    width_out = _output_size(width, kernel_w, stride_w, pad_w, dilation_w)
+    height_out = dcnv3_output_size(height, kernel_h, stride_h, pad_h, dilation_h)
+    width_out = dcnv3_output_size(width, kernel_w, stride_w, pad_w, dilation_w)
     num_points = kernel_h * kernel_w - remove_center
     for name, tensor, last in (("offset", offset, group * num_points * 2), ("mask", mask, group * num_points)):
         expected = (batch, height_out, width_out, last)
@@ -289,73 +290,52 @@ def _validate(
     return height_out, width_out
 
 
-# Registered once per process, for the reason given in dcnv3_ops.py.
-if triton is not None and not hasattr(torch.ops.internimage, "dcnv3_triton_forward"):
+def _triton_forward(
+    input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int, stride_h: int,
+    stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int, group_channels: int,
+    offset_scale: float, remove_center: int,
+) -> torch.Tensor:
+    """DCNv3 forward: input (N, H, W, G*Cg), offset (N, H_out, W_out, G*P*2), mask (N, H_out, W_out, G*P)
+    -> (N, H_out, W_out, G*Cg) in the input dtype."""
+    arguments = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group)
+    height_out, width_out = _validate(input, offset, mask, *arguments, group_channels, remove_center)
+    input, offset, mask = input.contiguous(), offset.contiguous(), mask.contiguous()
+    output = input.new_empty(input.shape[0], height_out, width_out, input.shape[-1])
+    if output.numel() == 0:
+        return output.zero_()
+    grid, scalars, constexprs = _launch_settings(
+        input, height_out, width_out, *arguments, group_channels, offset_scale, remove_center
+    )
+    _dcnv3_forward_kernel[grid](input, offset, mask, output, *scalars, **constexprs)
+    return output
 
-    @torch.library.custom_op("internimage::dcnv3_triton_forward", mutates_args=())
-    def dcnv3_triton_forward(
-        input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int, stride_h: int,
-        stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int, group_channels: int,
-        offset_scale: float, remove_center: int,
-    ) -> torch.Tensor:
-        """DCNv3 forward: input (N, H, W, G*Cg), offset (N, H_out, W_out, G*P*2), mask (N, H_out, W_out, G*P)
-        -> (N, H_out, W_out, G*Cg) in the input dtype."""
-        arguments = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group)
-        height_out, width_out = _validate(input, offset, mask, *arguments, group_channels, remove_center)
-        input, offset, mask = input.contiguous(), offset.contiguous(), mask.contiguous()
-        output = input.new_empty(input.shape[0], height_out, width_out, input.shape[-1])
-        if output.numel() == 0:
-            return output.zero_()
+
+def _triton_backward(
+    grad_output: torch.Tensor, input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int,
+    kernel_w: int, stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int,
+    group: int, group_channels: int, offset_scale: float, remove_center: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (input, offset, mask), each in its tensor's dtype, of the forward for `grad_output`."""
+    arguments = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group)
+    height_out, width_out = _validate(input, offset, mask, *arguments, group_channels, remove_center)
+    input, offset, mask = input.contiguous(), offset.contiguous(), mask.contiguous()
+    grad_output = grad_output.contiguous()
+    grad_input = torch.zeros(input.shape, dtype=_accumulation_dtype(input.dtype), device=input.device)
+    grad_offset = torch.zeros_like(offset)
+    grad_mask = torch.zeros_like(mask)
+    if grad_output.numel() > 0:
         grid, scalars, constexprs = _launch_settings(
             input, height_out, width_out, *arguments, group_channels, offset_scale, remove_center
         )
-        _dcnv3_forward_kernel[grid](input, offset, mask, output, *scalars, **constexprs)
-        return output
+        _dcnv3_backward_kernel[grid](
+            input, offset, mask, grad_output, grad_input, grad_offset, grad_mask, *scalars, **constexprs
+        )
+    return grad_input.to(input.dtype), grad_offset, grad_mask
 
-    @dcnv3_triton_forward.register_fake
-    def _(input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, *_):
-        height_out = _output_size(input.shape[1], kernel_h, stride_h, pad_h, dilation_h)
-        width_out = _output_size(input.shape[2], kernel_w, stride_w, pad_w, dilation_w)
-        return input.new_empty(input.shape[0], height_out, width_out, input.shape[-1])
 
-    @torch.library.custom_op("internimage::dcnv3_triton_backward", mutates_args=())
-    def dcnv3_triton_backward(
-        grad_output: torch.Tensor, input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int,
-        kernel_w: int, stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int,
-        group: int, group_channels: int, offset_scale: float, remove_center: int,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Gradients (input, offset, mask), each in its tensor's dtype, of the forward for `grad_output`."""
-        arguments = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group)
-        height_out, width_out = _validate(input, offset, mask, *arguments, group_channels, remove_center)
-        input, offset, mask = input.contiguous(), offset.contiguous(), mask.contiguous()
-        grad_output = grad_output.contiguous()
-        grad_input = torch.zeros(input.shape, dtype=_accumulation_dtype(input.dtype), device=input.device)
-        grad_offset = torch.zeros_like(offset)
-        grad_mask = torch.zeros_like(mask)
-        if grad_output.numel() > 0:
-            grid, scalars, constexprs = _launch_settings(
-                input, height_out, width_out, *arguments, group_channels, offset_scale, remove_center
-            )
-            _dcnv3_backward_kernel[grid](
-                input, offset, mask, grad_output, grad_input, grad_offset, grad_mask, *scalars, **constexprs
-            )
-        return grad_input.to(input.dtype), grad_offset, grad_mask
-
-    @dcnv3_triton_backward.register_fake
-    def _(grad_output, input, offset, mask, *_):
-        return torch.empty_like(input), torch.empty_like(offset), torch.empty_like(mask)
-
-    def _setup_context(ctx, inputs: tuple, output: torch.Tensor) -> None:
-        input, offset, mask, *arguments = inputs
-        ctx.save_for_backward(input, offset, mask)
-        ctx.arguments = arguments
-
-    def _backward(ctx, grad_output: torch.Tensor) -> tuple:
-        input, offset, mask = ctx.saved_tensors
-        grads = dcnv3_triton_backward(grad_output, input, offset, mask, *ctx.arguments)
-        return (*grads, *([None] * len(ctx.arguments)))
-
-    dcnv3_triton_forward.register_autograd(_backward, setup_context=_setup_context)
+dcnv3_triton_operator = (
+    register_dcnv3_operators("dcnv3_triton", _triton_forward, _triton_backward) if triton is not None else None
+)
 
 
 def dcnv3_triton(
@@ -383,7 +363,7 @@ def dcnv3_triton(
     """
     if triton is None:
         raise RuntimeError("The Triton DCNv3 kernels need the `triton` package: `pip install triton`")
-    return torch.ops.internimage.dcnv3_triton_forward(
+    return dcnv3_triton_operator(
         input, offset, mask, int(kernel_h), int(kernel_w), int(stride_h), int(stride_w), int(pad_h), int(pad_w),
         int(dilation_h), int(dilation_w), int(group), int(group_channels), float(offset_scale), int(remove_center),
     )

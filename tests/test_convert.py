@@ -134,7 +134,7 @@ def test_converted_folder_contents(converted):
     assert config["architectures"] == ["InternImageForImageClassification"]
     assert config["id2label"]["3"] == "LABEL_3" and config["label_set"] is None
     assert config["channels"] == 16 and config["depths"] == [1, 1, 2, 1] and config["offset_scale"] == 1.0
-    for name in ("configuration_internimage.py", "modeling_internimage.py", "dcnv3_ops.py", "dcnv3_triton.py"):
+    for name in convert_checkpoints.model_code_files():
         assert (folder / name).read_text() == (ROOT / name).read_text()
     assert (folder / "model.safetensors").is_file()
     processor = json.loads((folder / "preprocessor_config.json").read_text())
@@ -381,7 +381,8 @@ def test_repository_config_is_the_converters_output(tmp_path):
 
 def test_code_files_follow_relative_imports(tmp_path):
     assert convert_checkpoints.model_code_files() == [
-        "configuration_internimage.py", "modeling_internimage.py", "dcnv3_ops.py", "dcnv3_triton.py"
+        "configuration_internimage.py", "modeling_internimage.py", "dcnv3_ops.py", "dcnv3_custom_ops.py",
+        "dcnv3_triton.py",
     ]
     (tmp_path / "a.py").write_text("try:\n    from .b import x\nexcept ImportError:\n    from b import x\n")
     (tmp_path / "b.py").write_text("from .c import y\n")

@@ -29,7 +29,9 @@ from internimage_auto import register_internimage  # noqa: E402
 from modeling_internimage import InternImageBackbone, InternImageForImageClassification  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures" / "models"
-CODE_FILES = ("configuration_internimage.py", "modeling_internimage.py", "dcnv3_ops.py", "dcnv3_triton.py")
+CODE_FILES = (
+    "configuration_internimage.py", "modeling_internimage.py", "dcnv3_ops.py", "dcnv3_custom_ops.py", "dcnv3_triton.py"
+)
 FOLDER_PLACEHOLDER = "path/to/converted/folder"
 IMAGE_PLACEHOLDER = "path/to/image.jpg"
 
@@ -192,6 +194,9 @@ def test_onnx_export_cli_matches_pytorch(tmp_path, capsys):
     assert main([str(tmp_path / "model"), str(output), "--height", "64", "--width", "96"]) == 0
     session = onnxruntime.InferenceSession(str(output), providers=["CPUExecutionProvider"])
     (logits,) = session.run(["logits"], {"pixel_values": pixel_values.numpy()})
+    with torch.no_grad():
+        eager = model(pixel_values).logits
+    torch.testing.assert_close(torch.from_numpy(logits), eager, rtol=0, atol=1e-4)
     torch.testing.assert_close(torch.from_numpy(logits), expected["logits"], rtol=1e-4, atol=1e-4)
     for batch in (1, 3):  # the batch size is dynamic
         images = pixel_values[:1].repeat(batch, 1, 1, 1) + 0.1 * torch.randn(batch, *pixel_values.shape[1:])

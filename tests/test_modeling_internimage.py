@@ -43,7 +43,9 @@ from modeling_internimage import (  # noqa: E402
 )
 
 COMMON = load_transformers_common_tests()
-CODE_FILES = ("configuration_internimage.py", "modeling_internimage.py", "dcnv3_ops.py", "dcnv3_triton.py")
+CODE_FILES = (
+    "configuration_internimage.py", "modeling_internimage.py", "dcnv3_ops.py", "dcnv3_custom_ops.py", "dcnv3_triton.py"
+)
 
 
 def tiny_config(**overrides) -> InternImageConfig:
