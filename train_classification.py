@@ -27,6 +27,7 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import datasets
 import evaluate
@@ -58,6 +59,7 @@ METRIC_PATH = os.path.join(HERE, "metrics", "top_k_accuracy.py")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+TRAINER_STATE_NAME = "trainer_state.json"  # the last file `Trainer._save_checkpoint` writes
 DATASET_ALIASES = {"imagenet-1k": "ILSVRC/imagenet-1k", "imagenet1k": "ILSVRC/imagenet-1k"}
 
 # Small named architectures for quick runs; the released ones come from `configuration_internimage.VARIANTS`.
@@ -163,8 +165,8 @@ class RecipeArguments:
         metadata={"help": "learning_rate, warmup_lr, min_lr are for this total batch; they scale linearly (0: off)."},
     )
     warmup_epochs: float = field(default=0.0, metadata={"help": "Linear warmup length in epochs (per-step)."})
-    warmup_lr: float = field(default=0.0, metadata={"help": "LR at the start of the warmup (absolute)."})
-    min_lr: float = field(default=0.0, metadata={"help": "Floor of the cosine schedule (absolute)."})
+    warmup_lr: float = field(default=0.0, metadata={"help": "LR at the start of the warmup (not a share of the peak)."})
+    min_lr: float = field(default=0.0, metadata={"help": "Floor of the cosine schedule (not a share of the peak)."})
     layer_decay: float | None = field(default=None, metadata={"help": "Layer-wise LR decay ratio (1.0: off)."})
     dcn_lr_multiplier: float = field(default=1.0, metadata={"help": "LR multiplier of DCNv3 offset/scale params."})
     auto_augment: str = field(default="none", metadata={"help": "timm auto-augment policy ('none': off)."})
@@ -185,9 +187,89 @@ class RecipeArguments:
             "gain little from threads, and threads stall badly when other processes share the cores."
         },
     )
+    freeze_batchnorm: bool = field(
+        default=False,
+        metadata={
+            "help": "Normalise with the running statistics of the BatchNorm layers (the conv pooler's) and keep them "
+            "fixed while training, so results do not depend on how a batch is split across processes."
+        },
+    )
     ignore_checkpoints: bool = field(
         default=False, metadata={"help": "Start afresh even if output_dir holds checkpoint-* folders."}
     )
+
+
+class UsageError(ValueError):
+    """Arguments or data the script cannot use; the command line reports it as one `error:` line, before training."""
+
+
+class TrainingArgumentParser(HfArgumentParser):
+    """`HfArgumentParser` that raises `UsageError` instead of printing usage and exiting."""
+
+    def error(self, message: str):
+        raise UsageError(message)
+
+
+# An explicit `--save_steps` (or eval/logging) implies its strategy "steps", unless that strategy is given too.
+STEP_STRATEGIES = {"save_steps": "save_strategy", "eval_steps": "eval_strategy", "logging_steps": "logging_strategy"}
+
+# `TrainingArguments` the recipe replaces: given explicitly they are an error, not silently ignored.
+_SCHEDULE = "the schedule is the recipe's warmup + cosine (--warmup_epochs or --warmup_steps, --warmup_lr, --min_lr)"
+_OPTIMIZER = "the optimizer is the recipe's AdamW (--weight_decay, --adam_beta1, --adam_beta2, --adam_epsilon)"
+REPLACED_ARGUMENTS = {
+    "lr_scheduler_type": _SCHEDULE,
+    "lr_scheduler_kwargs": _SCHEDULE,
+    "optim": _OPTIMIZER,
+    "optim_args": _OPTIMIZER,
+    "remove_unused_columns": "the image transforms need every column",
+}
+# Values the script sets whatever the recipe says; giving the same value explicitly is harmless.
+FIXED_VALUES = {"remove_unused_columns": False}
+
+# Arguments that act only in the presence (or absence) of others: name -> (the names it depends on, whether it
+# acts, when it acts). Giving one with a non-default value where it would not act is an error.
+ACTS_ONLY_WITH = {
+    "mixup_prob": (("mixup", "cutmix"), lambda v: v["mixup"] > 0 or v["cutmix"] > 0, "with --mixup or --cutmix > 0"),
+    "mixup_switch_prob": (
+        ("mixup", "cutmix"), lambda v: v["mixup"] > 0 and v["cutmix"] > 0, "with both --mixup and --cutmix > 0"
+    ),
+    "model_ema_warmup": (("model_ema_decay",), lambda v: v["model_ema_decay"] > 0, "with --model_ema_decay > 0"),
+    "color_jitter": (
+        ("auto_augment",), lambda v: str(v["auto_augment"]).lower() == "none",
+        "with --auto_augment none (timm applies auto-augment or colour jitter, not both)",
+    ),
+    "architecture": (
+        ("model_name_or_path",), lambda v: v["model_name_or_path"] is None,
+        "without --model_name_or_path (a checkpoint brings its architecture)",
+    ),
+    **{
+        name: (("model_name_or_path",), lambda v: v["model_name_or_path"] is not None, "with --model_name_or_path")
+        for name in ("trust_remote_code", "ignore_mismatched_sizes")
+    },
+    "data_path": (("dataset_name",), lambda v: v["dataset_name"] is None, "without --dataset_name (one data source)"),
+    "check_images": (("data_path",), lambda v: v["data_path"] is not None, "with --data_path"),
+    **{
+        name: (("dataset_name",), lambda v: v["dataset_name"] is not None, "with --dataset_name")
+        for name in ("dataset_config_name", "streaming", "image_column_name", "label_column_name")
+    },
+    "warmup_epochs": (
+        ("warmup_steps",), lambda v: not v["warmup_steps"], "without --warmup_steps (one warmup length)"
+    ),
+    "ignore_checkpoints": (
+        ("resume_from_checkpoint",), lambda v: v["resume_from_checkpoint"] is None, "without --resume_from_checkpoint"
+    ),
+}
+
+ARGUMENT_RULES = (
+    "Rules: an argument given on the command line or in the file wins over the recipe's default (shown as the "
+    "default here for the recipe these arguments select). --save_steps, --eval_steps and --logging_steps imply the "
+    "'steps' strategy unless --save_strategy, --eval_strategy or --logging_strategy is given too. learning_rate, "
+    "warmup_lr and min_lr are for a total batch of --lr_reference_batch_size (512) and are multiplied by total batch "
+    "/ 512, total batch = per_device_train_batch_size x processes x gradient_accumulation_steps (as the official "
+    "recipe does). An argument that would have no effect (e.g. --color_jitter with auto-augment on) or a "
+    "contradictory combination is an error that says what to change."
+)
+_LR_RULE = " Multiplied by total batch / --lr_reference_batch_size (linear scaling)."
 
 
 def _argument_file(argv: list[str]) -> str | None:
@@ -200,38 +282,152 @@ def choose_recipe(recipe: str, dataset_name: str | None, data_path: str | None, 
     """Resolve `--recipe auto`: digits without data, `22kto1k` when fine-tuning a checkpoint, `in1k` otherwise."""
     if recipe != "auto":
         if recipe not in RECIPES:
-            raise ValueError(f"--recipe {recipe!r} is unknown; choose auto or one of {sorted(RECIPES)}")
+            raise UsageError(f"--recipe {recipe!r} is unknown; choose auto or one of {sorted(RECIPES)}")
         return recipe
     if dataset_name is None and data_path is None:
         return "digits"
     return "22kto1k" if model_name_or_path else "in1k"
 
 
+def build_parser(add_help: bool = True) -> TrainingArgumentParser:
+    """The parser of every argument, with the rules that transform values in `--help`."""
+    parser = TrainingArgumentParser(
+        (ModelArguments, DataArguments, RecipeArguments, TrainingArguments),
+        description="Train or fine-tune InternImage for image classification with the official recipe.",
+        epilog=ARGUMENT_RULES, add_help=add_help,
+    )
+    for action in parser._actions:
+        if action.dest in ("learning_rate", "warmup_lr", "min_lr"):
+            action.help = (action.help or "") + _LR_RULE
+        elif action.dest in STEP_STRATEGIES and action.option_strings[0] == f"--{action.dest}":
+            action.help = (action.help or "") + f" Given alone, it implies --{STEP_STRATEGIES[action.dest]} steps."
+        elif action.dest in REPLACED_ARGUMENTS:
+            action.help = f"Not used by this script: {REPLACED_ARGUMENTS[action.dest]}."
+    return parser
+
+
+_UNSET = object()
+
+
+def _explicit_arguments(parser: TrainingArgumentParser, argv: list[str]) -> tuple[dict[str, Any], list[str]]:
+    """The arguments `argv` gives (typed as the parser types them) and what the parser did not recognise."""
+    namespace = argparse.Namespace(**{action.dest: _UNSET for action in parser._actions})
+    namespace, unknown = parser.parse_known_args(argv, namespace=namespace)
+    return {name: value for name, value in vars(namespace).items() if value is not _UNSET}, unknown
+
+
+def _file_arguments(parser: TrainingArgumentParser, path: str) -> dict[str, Any]:
+    """The arguments of a JSON or YAML file, typed and checked as the same arguments on the command line."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = json.load(handle) if path.endswith(".json") else yaml.safe_load(handle)
+    except OSError as error:
+        raise UsageError(f"cannot read the argument file {path}: {error.strerror or error}") from None
+    except (ValueError, yaml.YAMLError) as error:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise UsageError(f"{path} is not valid {'JSON' if path.endswith('.json') else 'YAML'}: {error}") from None
+    if not isinstance(values, dict):
+        raise UsageError(f"{path} must hold a mapping of argument names to values, not {type(values).__name__}")
+    argv, nulls = [], {}
+    for name, value in values.items():
+        if value is None:
+            nulls[str(name)] = None
+        elif isinstance(value, bool):
+            argv += [f"--{name}", str(value).lower()]
+        elif isinstance(value, list) and value:
+            argv += [f"--{name}", *(json.dumps(item) if isinstance(item, dict) else str(item) for item in value)]
+        else:
+            argv += [f"--{name}", json.dumps(value) if isinstance(value, (dict, list)) else str(value)]
+    try:
+        explicit, unknown = _explicit_arguments(parser, argv)
+    except UsageError as error:
+        raise UsageError(f"{path}: {error}") from None
+    dests = {action.dest for action in parser._actions}
+    unknown_names = [name for name in values if name not in dests] or unknown
+    if unknown_names:
+        raise UsageError(f"{path}: unknown arguments {unknown_names}; see --help")
+    return {**explicit, **nulls}
+
+
+def resolve_arguments(recipe: str, explicit: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The values to use and where each comes from: explicit arguments, what they imply, then the recipe's defaults.
+
+    An explicit `--save_steps` / `--eval_steps` / `--logging_steps` sets its strategy to "steps" unless the
+    strategy is explicit too. This is the only place where explicit arguments and recipe defaults meet.
+    """
+    implied = {strategy: "steps" for steps, strategy in STEP_STRATEGIES.items() if steps in explicit}
+    values = {**RECIPES[recipe], **implied, **explicit}
+    sources = {
+        **dict.fromkeys(RECIPES[recipe], f"the {recipe} recipe's default"),
+        **{strategy: f"implied by --{steps}" for steps, strategy in STEP_STRATEGIES.items() if strategy in implied},
+        **dict.fromkeys(explicit, "given"),
+    }
+    return values, sources
+
+
+def check_arguments(values: dict[str, Any], sources: dict[str, str], defaults: dict[str, Any]) -> None:
+    """Raise `UsageError` for an explicit argument that would have no effect or a contradictory combination."""
+
+    def show(name: str) -> str:
+        value = getattr(values[name], "value", values[name])
+        return f"{name}={value!r} ({sources.get(name, 'default')})"
+
+    for name, reason in REPLACED_ARGUMENTS.items():
+        if sources.get(name) == "given" and values[name] != FIXED_VALUES.get(name, _UNSET):
+            raise UsageError(f"--{name} is not used by this script: {reason}")
+    for steps, strategy in STEP_STRATEGIES.items():
+        chosen = str(getattr(values[strategy], "value", values[strategy]))
+        if sources.get(steps) == "given" and sources.get(strategy) == "given" and chosen != "steps":
+            raise UsageError(
+                f"--{steps} has no effect with --{strategy} {chosen}: drop --{strategy} (--{steps} alone implies "
+                f"'steps') or drop --{steps}"
+            )
+    for name, (dependencies, acts, when) in ACTS_ONLY_WITH.items():
+        if sources.get(name) == "given" and values[name] != defaults[name] and not acts(values):
+            raise UsageError(
+                f"--{name} {values[name]} has no effect here: it acts only {when}; now "
+                f"{', '.join(map(show, dependencies))}. Drop --{name} or change that"
+            )
+    save, evaluate_ = (str(getattr(values[n], "value", values[n])) for n in ("save_strategy", "eval_strategy"))
+    if values["load_best_model_at_end"] and save not in ("best", evaluate_):
+        fix = f"--eval_strategy {save}" + (" --eval_steps N (N divides save_steps)" if save == "steps" else "")
+        raise UsageError(
+            f"--load_best_model_at_end needs a checkpoint at every evaluation, but {show('save_strategy')} and "
+            f"{show('eval_strategy')}: pass {fix}, or --save_strategy best"
+        )
+    if values["streaming"] and values["max_steps"] <= 0:
+        raise UsageError("--streaming needs --max_steps: a stream has no length to count epochs in")
+
+
 def parse_arguments(
     argv: list[str] | None = None,
 ) -> tuple[ModelArguments, DataArguments, RecipeArguments, TrainingArguments]:
-    """Command line or a single JSON/YAML file; the chosen recipe provides every default not given."""
-    argv = sys.argv[1:] if argv is None else argv
-    parser = HfArgumentParser((ModelArguments, DataArguments, RecipeArguments, TrainingArguments))
+    """Command line or a single JSON/YAML file; the chosen recipe provides every default not given (see
+    `resolve_arguments`). `-h`/`--help` prints the arguments with the defaults of the recipe they select."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(add_help=False)
     path = _argument_file(argv)
     if path is not None:
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"Argument file {path} does not exist")
-        with open(path) as handle:
-            values = json.load(handle) if path.endswith(".json") else yaml.safe_load(handle)
-        recipe = choose_recipe(
-            values.get("recipe", "auto"), values.get("dataset_name"), values.get("data_path"),
-            values.get("model_name_or_path"),
-        )
-        return parser.parse_dict({**RECIPES[recipe], **values})
-    probe = argparse.ArgumentParser(add_help=False)
-    for name in ("recipe", "dataset_name", "data_path", "model_name_or_path"):
-        probe.add_argument(f"--{name}", default="auto" if name == "recipe" else None)
-    known, _ = probe.parse_known_args(argv)
-    parser.set_defaults(
-        **RECIPES[choose_recipe(known.recipe, known.dataset_name, known.data_path, known.model_name_or_path)]
+        explicit, unknown = _file_arguments(parser, path), []
+    else:
+        explicit, unknown = _explicit_arguments(parser, argv)
+    recipe = choose_recipe(
+        explicit.get("recipe", "auto"), explicit.get("dataset_name"), explicit.get("data_path"),
+        explicit.get("model_name_or_path"),
     )
-    return parser.parse_args_into_dataclasses(argv)
+    if "-h" in unknown or "--help" in unknown:
+        helper = build_parser()
+        helper.set_defaults(**RECIPES[recipe])
+        helper.print_help()
+        raise SystemExit(0)
+    if unknown:
+        raise UsageError(f"unknown arguments {unknown}; see --help")
+    values, sources = resolve_arguments(recipe, explicit)
+    defaults = {action.dest: action.default for action in reversed(parser._actions)}
+    check_arguments({**defaults, **values}, sources, defaults)
+    try:
+        return parser.parse_dict(values)
+    except (ValueError, TypeError) as error:  # TrainingArguments' own consistency checks
+        raise UsageError(str(error)) from None
 
 
 # ----------------------------------------------------------------------------------------------------- data
@@ -368,14 +564,14 @@ def load_hub_dataset(data_args: DataArguments, seed: int) -> DatasetDict | datas
     loaded = datasets.load_dataset(name, data_args.dataset_config_name, streaming=data_args.streaming)
     for column in (data_args.image_column_name, data_args.label_column_name):
         if column not in loaded["train"].column_names:
-            raise ValueError(
+            raise UsageError(
                 f"{name} has no column {column!r} (columns: {loaded['train'].column_names}); "
                 "set --image_column_name / --label_column_name"
             )
     eval_split = next((s for s in ("validation", "val") if s in loaded), None)
     if eval_split is None:
         if data_args.streaming:
-            raise ValueError(f"{name} has no validation split; streaming cannot hold one out")
+            raise UsageError(f"{name} has no validation split; streaming cannot hold one out")
         held_out = loaded["train"].train_test_split(test_size=data_args.validation_split_percentage / 100, seed=seed)
         loaded = DatasetDict(train=held_out["train"], validation=held_out["test"])
         eval_split = "validation"
@@ -400,7 +596,7 @@ def load_data(data_args: DataArguments, seed: int) -> tuple[DatasetDict, list[st
         splits = load_digits_splits(seed)
     label_feature = splits["train"].features["label"]
     if not isinstance(label_feature, ClassLabel):
-        raise ValueError(f"The label column must be a ClassLabel (class names), got {label_feature}")
+        raise UsageError(f"The label column must be a ClassLabel (class names), got {label_feature}")
     if not data_args.streaming:
         for split, limit in (("train", data_args.max_train_samples), ("validation", data_args.max_eval_samples)):
             if limit is not None:
@@ -531,7 +727,7 @@ def build_model(
         )
         processor = default_image_processor(model.config.image_size)
     else:
-        raise ValueError(
+        raise UsageError(
             f"--architecture {model_args.architecture!r} is unknown; choose one of "
             f"{sorted(ARCHITECTURES) + sorted(VARIANTS)} or pass --model_name_or_path"
         )
@@ -546,19 +742,31 @@ def build_model(
 # ----------------------------------------------------------------------------------------------------- main
 
 
+def _is_complete_checkpoint(folder: str, needs_ema: bool) -> bool:
+    """Whether a checkpoint was written to the end: its trainer state (the Trainer's last file) reads as JSON, and
+    the EMA weights (written before it) are there when used."""
+    if needs_ema and not os.path.isfile(os.path.join(folder, EMA_WEIGHTS_NAME)):
+        return False
+    try:
+        with open(os.path.join(folder, TRAINER_STATE_NAME), encoding="utf-8") as handle:
+            json.load(handle)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
 def find_resume_checkpoint(output_dir: str, needs_ema: bool) -> str | None:
-    """The newest complete `checkpoint-*` in `output_dir` (trainer state written, and EMA weights when used)."""
+    """The newest complete `checkpoint-*` in `output_dir`; one cut off while being written is passed over."""
     if not os.path.isdir(output_dir):
         return None
     steps = []
     for name in os.listdir(output_dir):
         match = re.fullmatch(rf"{PREFIX_CHECKPOINT_DIR}-(\d+)", name)
         folder = os.path.join(output_dir, name)
-        complete = os.path.isfile(os.path.join(folder, "trainer_state.json")) and (
-            not needs_ema or os.path.isfile(os.path.join(folder, EMA_WEIGHTS_NAME))
-        )
-        if match and complete:
+        if match and _is_complete_checkpoint(folder, needs_ema):
             steps.append((int(match.group(1)), folder))
+        elif match:
+            logger.warning(f"{folder} is incomplete (cut off while being written); it is not resumed from")
     return max(steps)[1] if steps else None
 
 
@@ -614,11 +822,12 @@ def prepare_datasets(
 
 def scale_learning_rates(
     training_args: TrainingArguments, recipe_args: RecipeArguments, train_size: int | None
-) -> tuple[float, int]:
+) -> tuple[float, int | None]:
     """Apply the official linear scaling to `learning_rate` (in place); returns the factor and the warmup steps.
 
-    Every LR of the recipe is for a total batch of `lr_reference_batch_size`; `train_size=None` (streaming) needs
-    `--warmup_steps` instead of `--warmup_epochs`.
+    Every LR of the recipe is for a total batch of `lr_reference_batch_size`. The warmup is `--warmup_epochs` in
+    steps, or `None` when `--warmup_steps` is given (the Trainer's meaning: steps, or a share of all steps below 1);
+    `train_size=None` (streaming) needs `--warmup_steps`.
     """
     total_batch = (
         training_args.per_device_train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps
@@ -626,17 +835,18 @@ def scale_learning_rates(
     lr_scale = total_batch / recipe_args.lr_reference_batch_size if recipe_args.lr_reference_batch_size else 1.0
     training_args.learning_rate *= lr_scale
     if training_args.warmup_steps > 0:
-        warmup_steps = int(training_args.warmup_steps)
+        warmup_steps, warmup = None, f"--warmup_steps {training_args.warmup_steps:g}"
     elif train_size is None:
-        warmup_steps = 0
+        warmup_steps, warmup = 0, "none"
         logger.warning("Streaming data has no epoch length: --warmup_epochs is ignored, use --warmup_steps")
     else:
         per_process = math.ceil(train_size / training_args.world_size)
         batches_per_epoch = per_process // training_args.per_device_train_batch_size
         warmup_steps = round(recipe_args.warmup_epochs * batches_per_epoch / training_args.gradient_accumulation_steps)
+        warmup = f"{warmup_steps} steps"
     logger.info(
         f"Total batch {total_batch}: peak LR {training_args.learning_rate:.3g} (x{lr_scale:.4g}), warmup "
-        f"{warmup_steps} steps from {recipe_args.warmup_lr * lr_scale:.3g}, floor {recipe_args.min_lr * lr_scale:.3g}"
+        f"{warmup} from {recipe_args.warmup_lr * lr_scale:.3g}, floor {recipe_args.min_lr * lr_scale:.3g}"
     )
     return lr_scale, warmup_steps
 
@@ -661,7 +871,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     setup_logging(training_args)
     if recipe_args.cpu_threads > 0:
         torch.set_num_threads(recipe_args.cpu_threads)
-    training_args.remove_unused_columns = False
+    for name, value in FIXED_VALUES.items():
+        setattr(training_args, name, value)
     set_seed(training_args.seed)
 
     splits, class_names = load_data(data_args, training_args.seed)
@@ -705,7 +916,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         preprocess_logits_for_metrics=keep_top5, callbacks=callbacks,
         layer_decay=recipe_args.layer_decay, dcn_lr_multiplier=recipe_args.dcn_lr_multiplier,
         warmup_steps=warmup_steps, warmup_lr=recipe_args.warmup_lr * lr_scale, min_lr=recipe_args.min_lr * lr_scale,
-        mixup=mixup, ema_callback=ema_callback,
+        mixup=mixup, ema_callback=ema_callback, freeze_batchnorm=recipe_args.freeze_batchnorm,
     )
 
     train_result = trainer.train(resume_from_checkpoint=resume)
@@ -727,5 +938,15 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     return metrics
 
 
+def cli(argv: list[str] | None = None) -> int:
+    """The command line: `main`, with a `UsageError` reported as one `error:` line on stderr (exit status 2)."""
+    try:
+        main(argv)
+    except UsageError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(cli())

@@ -129,8 +129,8 @@ def build_cosine_schedule(
 class EMACallback(TrainerCallback):
     """Exponential moving average of the weights (timm `ModelEmaV3`), updated after every optimizer step.
 
-    The EMA is written next to every checkpoint (`ema_model.safetensors`) and read back when training resumes from
-    `resume_from_checkpoint`.
+    `InternImageTrainer` writes it into every checkpoint (`ema_model.safetensors`, before the trainer state that
+    marks the checkpoint complete); it is read back when training resumes from `resume_from_checkpoint`.
     """
 
     def __init__(self, decay: float, warmup: bool = False, resume_from_checkpoint: str | None = None) -> None:
@@ -155,10 +155,8 @@ class EMACallback(TrainerCallback):
     def on_step_end(self, args, state, control, model: nn.Module | None = None, **kwargs):
         self.ema.update(model, step=state.global_step)
 
-    def on_save(self, args, state, control, **kwargs):
-        if not args.should_save or self.ema is None:
-            return
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+    def save(self, folder: str) -> None:
+        """Write the EMA weights to `folder/ema_model.safetensors` (through a temporary file and a rename)."""
         target = os.path.join(folder, EMA_WEIGHTS_NAME)
         weights = {name: tensor.detach().contiguous().cpu() for name, tensor in self.ema.module.state_dict().items()}
         save_file(weights, target + ".tmp")
@@ -171,9 +169,11 @@ class InternImageTrainer(Trainer):
     Args:
         layer_decay: Layer-wise LR decay ratio (`None` or 1.0: off).
         dcn_lr_multiplier: LR multiplier of the DCNv3 offset and centre-feature-scale projections.
-        warmup_steps / warmup_lr / min_lr: Schedule (absolute warmup start and floor learning rates).
+        warmup_steps / warmup_lr / min_lr: Schedule (absolute warmup start and floor learning rates);
+            `warmup_steps=None` takes the warmup from `args.warmup_steps` as the Trainer does.
         mixup: timm `Mixup` applied to training batches (targets become soft; loss: soft-target cross-entropy).
-        ema_callback: When given, evaluation and the final save use its EMA weights.
+        ema_callback: When given, evaluation and the final save use its EMA weights, and every checkpoint holds them.
+        freeze_batchnorm: BatchNorm layers normalise with their running statistics and do not update them.
     """
 
     def __init__(
@@ -181,11 +181,12 @@ class InternImageTrainer(Trainer):
         *args,
         layer_decay: float | None = None,
         dcn_lr_multiplier: float = 1.0,
-        warmup_steps: int = 0,
+        warmup_steps: int | None = 0,
         warmup_lr: float = 0.0,
         min_lr: float = 0.0,
         mixup: Mixup | None = None,
         ema_callback: EMACallback | None = None,
+        freeze_batchnorm: bool = False,
         **kwargs,
     ) -> None:
         super().__init__(*args, **kwargs)
@@ -196,6 +197,7 @@ class InternImageTrainer(Trainer):
         self.min_lr = min_lr
         self.mixup = mixup
         self.ema_callback = ema_callback
+        self.freeze_batchnorm = freeze_batchnorm
         smoothing = self.args.label_smoothing_factor
         if mixup is not None:
             self.train_loss = SoftTargetCrossEntropy()
@@ -222,9 +224,12 @@ class InternImageTrainer(Trainer):
         self, num_training_steps: int, optimizer: torch.optim.Optimizer | None = None
     ) -> torch.optim.lr_scheduler.LRScheduler:
         if self.lr_scheduler is None:
+            warmup_steps = self.recipe_warmup_steps
+            if warmup_steps is None:
+                warmup_steps = self.args.get_warmup_steps(num_training_steps)
             self.lr_scheduler = build_cosine_schedule(
                 self.optimizer if optimizer is None else optimizer, num_training_steps,
-                min(self.recipe_warmup_steps, num_training_steps), self.warmup_lr, self.min_lr,
+                min(warmup_steps, num_training_steps), self.warmup_lr, self.min_lr,
             )
             self._created_lr_scheduler = True
         return self.lr_scheduler
@@ -232,6 +237,10 @@ class InternImageTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         """Training: mixup/cutmix + soft-target CE, else label-smoothing CE, else CE. Evaluation: plain CE."""
         pixel_values, labels = inputs["pixel_values"], inputs["labels"]
+        if model.training and self.freeze_batchnorm:  # `training_step` has just put every module in train mode
+            for module in model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    module.eval()
         if model.training and self.mixup is not None:
             if len(labels) % 2:  # timm mixes a batch with its reverse and needs an even size
                 pixel_values, labels = pixel_values[:-1], labels[:-1]
@@ -242,6 +251,13 @@ class InternImageTrainer(Trainer):
         else:
             loss = F.cross_entropy(outputs.logits.float(), labels)
         return (loss, outputs) if return_outputs else loss
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """Save the model; inside a checkpoint (`_internal_call`) also the EMA weights, before the trainer state that
+        the Trainer writes afterwards and before it deletes older checkpoints."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if _internal_call and self.ema_callback is not None and self.args.should_save:
+            self.ema_callback.save(output_dir or self.args.output_dir)
 
     @contextlib.contextmanager
     def ema_weights(self) -> Iterator[None]:
