@@ -16,6 +16,7 @@ fine-tuning `--model_name_or_path`); any argument given explicitly wins over the
 from __future__ import annotations
 
 import argparse
+import codecs
 import importlib.util
 import io
 import json
@@ -27,7 +28,7 @@ import re
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import datasets
 import evaluate
@@ -452,71 +453,183 @@ def load_digits_splits(seed: int = 0, validation_share: float = 0.2) -> DatasetD
     return DatasetDict(train=split(train_index), validation=split(eval_index))
 
 
-def _check_image(path: str) -> str | None:
-    """Why `path` cannot be used as an image, or `None` when it opens."""
+def _image_problem(path: str, decode: bool) -> str | None:
+    """Why `path` cannot be used as an image (`decode`: also open and verify it), or `None`."""
     if not os.path.isfile(path):
         return "missing"
     if os.path.getsize(path) == 0:
         return "empty file"
-    try:
-        with PILImage.open(path) as image:
-            image.verify()
-    except Exception as error:  # PIL raises many types for corrupt files
-        return f"unreadable ({type(error).__name__}: {error})"
+    if decode:
+        try:
+            with PILImage.open(path) as image:
+                image.verify()
+        except Exception as error:  # PIL raises many types for corrupt files
+            return f"unreadable ({type(error).__name__}: {error})"
     return None
 
 
-def _read_list_file(path: str) -> list[tuple[str, int]]:
+class ListEntry(NamedTuple):
+    """One image of a split: its path relative to the split folder, its label, and where it was found."""
+
+    relative: str
+    label: int
+    where: str  # "FILE:LINE" of a list file, or the relative path of a scanned folder
+
+    @property
+    def folder(self) -> str | None:
+        """The class folder the image sits in (the first path component), `None` for a file at the top."""
+        parts = self.relative.replace("\\", "/").split("/")
+        return parts[0] if len(parts) > 1 else None
+
+
+def read_list_file(path: str) -> list[ListEntry]:
+    """The `<class>/<file> <label index>` lines of a list file (blank lines skipped).
+
+    Any other line (not UTF-8, no label, a label that is not a non-negative integer) is a `UsageError` naming the
+    file and line; so is a file that lists nothing.
+    """
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as error:
+        raise UsageError(f"cannot read {path}: {error.strerror or error}") from None
     entries = []
-    with open(path) as handle:
-        for number, line in enumerate(handle, 1):
-            if not line.strip():
-                continue
-            parts = line.rsplit(maxsplit=1)
-            if len(parts) != 2 or not re.fullmatch(r"\d+", parts[1]):
-                raise ValueError(f"{path}:{number}: expected '<class>/<file> <label index>', got {line.strip()!r}")
-            entries.append((parts[0].strip(), int(parts[1])))
+    for number, raw in enumerate(data.removeprefix(codecs.BOM_UTF8).splitlines(), 1):
+        where = f"{path}:{number}"
+        try:
+            line = raw.decode("utf-8").strip()
+        except UnicodeDecodeError:
+            raise UsageError(f"{where}: not UTF-8 text") from None
+        if not line:
+            continue
+        parts = line.rsplit(maxsplit=1)
+        if len(parts) != 2 or not re.fullmatch(r"[0-9]+", parts[1]):
+            raise UsageError(f"{where}: expected '<class>/<file> <label index>', got {line[:200]!r}")
+        if "\0" in parts[0]:
+            raise UsageError(f"{where}: the file name contains a NUL character")
+        digits = parts[1].lstrip("0") or "0"
+        if len(digits) > 18:
+            raise UsageError(f"{where}: label {digits[:20]}... is out of range")
+        entries.append(ListEntry(parts[0].strip(), int(digits), where))
     if not entries:
-        raise ValueError(f"{path} lists no images")
+        raise UsageError(f"{path} lists no images")
     return entries
 
 
-def _scan_class_folders(split_dir: str, class_names: list[str] | None) -> tuple[list[tuple[str, int]], list[str]]:
-    """(relative path, label) of every image under `split_dir/<class>/`, labels in sorted class order."""
-    found = sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+def _class_folders(split_dir: str) -> list[str]:
+    return sorted(entry.name for entry in os.scandir(split_dir) if entry.is_dir())
+
+
+def _list_class_names(list_path: str, entries: list[ListEntry], split_dir: str) -> list[str]:
+    """Class names by label index from a training list: each label is named after the folder its images sit in.
+
+    There are `max label + 1` classes. A label must be below the number of class folders in `split_dir` (or, for
+    a list of files without folders, the number of listed images); one label for two folders or two labels for one
+    folder is a `UsageError` naming the line.
+    """
+    folders = _class_folders(split_dir)
+    limit, limit_reason = (
+        (len(folders), f"{split_dir} has {len(folders)} class folders")
+        if folders else (len(entries), f"{list_path} lists {len(entries)} images")
+    )
+    names: dict[int, str] = {}
+    labels: dict[str, int] = {}
+    for entry in entries:
+        if entry.label >= limit:
+            raise UsageError(
+                f"{entry.where}: label {entry.label} is out of range: {limit_reason} (labels 0..{limit - 1})"
+            )
+        if entry.folder is None:
+            continue
+        if names.setdefault(entry.label, entry.folder) != entry.folder:
+            raise UsageError(
+                f"{entry.where}: label {entry.label} belongs to folder {names[entry.label]!r} on an earlier line, "
+                f"not {entry.folder!r}"
+            )
+        if labels.setdefault(entry.folder, entry.label) != entry.label:
+            raise UsageError(
+                f"{entry.where}: folder {entry.folder!r} has label {labels[entry.folder]} on an earlier line, "
+                f"not {entry.label}"
+            )
+    num_classes = max(entry.label for entry in entries) + 1
+    unused = sorted(set(range(num_classes)) - {entry.label for entry in entries})
+    if unused:
+        logger.warning(f"{list_path}: {len(unused)} label(s) below the largest have no image: {unused[:10]}")
+    return [names.get(index, str(index)) for index in range(num_classes)]
+
+
+def _check_eval_labels(entries: list[ListEntry], class_names: list[str]) -> None:
+    """A validation list must use the training classes: labels in range, and in the same folders."""
+    for entry in entries:
+        if entry.label >= len(class_names):
+            raise UsageError(
+                f"{entry.where}: label {entry.label} is out of range: the training split has {len(class_names)} "
+                f"classes (labels 0..{len(class_names) - 1})"
+            )
+        name = class_names[entry.label]
+        if entry.folder is not None and name != str(entry.label) and entry.folder != name:
+            raise UsageError(
+                f"{entry.where}: label {entry.label} is folder {name!r} in the training split, not {entry.folder!r}"
+            )
+
+
+def _scan_class_folders(split_dir: str, class_names: list[str] | None) -> tuple[list[ListEntry], list[str]]:
+    """Every image under `split_dir/<class>/`, labelled in the order of `class_names` (default: sorted folders)."""
+    found = _class_folders(split_dir)
     if class_names is None:
         class_names = found
         if not class_names:
-            raise ValueError(f"{split_dir} has no class sub-folders (expected {split_dir}/<class>/<image>)")
+            raise UsageError(f"{split_dir} has no class sub-folders (expected {split_dir}/<class>/<image>)")
     unknown = sorted(set(found) - set(class_names))
     if unknown:
-        raise ValueError(f"{split_dir} has classes the training split lacks: {unknown[:5]}")
-    entries = []
+        raise UsageError(f"{split_dir} has classes the training split lacks: {unknown[:5]}")
+    entries, empty = [], []
     for label, name in enumerate(class_names):
         folder = os.path.join(split_dir, name)
         files = sorted(f for f in os.listdir(folder) if f.lower().endswith(IMAGE_EXTENSIONS)) if name in found else []
         if not files:
-            logger.warning(f"Class {name!r} has no images in {split_dir}")
-        entries.extend((f"{name}/{file}", label) for file in files)
+            empty.append(name)
+        entries.extend(ListEntry(f"{name}/{file}", label, f"{name}/{file}") for file in files)
+    if empty:
+        logger.warning(f"{split_dir}: {len(empty)} class(es) have no images: {', '.join(map(repr, empty[:10]))}")
     return entries, class_names
 
 
-def _build_split(split_dir: str, entries: list[tuple[str, int]], check_images: bool, features) -> Dataset:
+def _build_split(split_dir: str, entries: list[ListEntry], check_images: bool, features) -> Dataset:
+    """The usable images of `entries`: missing and empty files are always skipped, undecodable ones with
+    `check_images`; the skips are counted in one warning that names them."""
     paths, labels, skipped = [], [], []
-    for relative, label in entries:
-        path = os.path.join(split_dir, relative)
-        problem = _check_image(path) if check_images else None
+    for entry in entries:
+        path = os.path.join(split_dir, entry.relative)
+        problem = _image_problem(path, decode=check_images)
         if problem is None:
             paths.append(path)
-            labels.append(label)
+            labels.append(entry.label)
         else:
-            skipped.append(f"{relative} ({problem})")
+            where = entry.where if entry.where == entry.relative else f"{entry.where}: {entry.relative}"
+            skipped.append(f"{where} ({problem})")
     if skipped:
         logger.warning(f"{split_dir}: skipped {len(skipped)} image(s): " + "; ".join(skipped[:10]))
     if not paths:
-        raise ValueError(f"No usable image in {split_dir}")
+        raise UsageError(f"no usable image in {split_dir}")
     logger.info(f"{split_dir}: {len(paths)} images")
     return Dataset.from_dict({"image": paths, "label": labels}, features=features)
+
+
+def _held_out_split(train: Dataset, validation_share: float, seed: int, root: str) -> DatasetDict:
+    """Hold out `validation_share` percent, stratified by label when every class allows it."""
+    try:
+        split = train.train_test_split(test_size=validation_share / 100, seed=seed, stratify_by_column="label")
+    except ValueError as error:  # e.g. a class with a single image
+        logger.warning(f"{root}: the held-out split is not stratified by class ({error})")
+        try:
+            split = train.train_test_split(test_size=validation_share / 100, seed=seed)
+        except ValueError as error:
+            raise UsageError(
+                f"{root}: cannot hold out {validation_share:g}% of {len(train)} images ({error}); add images, change "
+                "--validation_split_percentage or give a val/ folder"
+            ) from None
+    return DatasetDict(train=split["train"], validation=split["test"])
 
 
 def load_image_folder(root: str, validation_share: float, check_images: bool, seed: int) -> DatasetDict:
@@ -524,9 +637,11 @@ def load_image_folder(root: str, validation_share: float, check_images: bool, se
 
     With `ROOT/<split>_list.txt` the listed label indices are used and each index is named after the folder its
     images sit in (e.g. `n01440764`); otherwise classes are the sorted sub-folder names of the training split.
+    Problems with the lists are `UsageError`s naming the file and line; missing or unreadable images are skipped
+    and counted (see `_build_split`).
     """
     if not os.path.isdir(root):
-        raise FileNotFoundError(f"--data_path {root} is not a folder")
+        raise UsageError(f"--data_path {root} is not a folder")
     train_dir = os.path.join(root, "train")
     eval_dirs = [os.path.join(root, split) for split in ("val", "validation")]
     eval_dir = next((path for path in eval_dirs if os.path.isdir(path)), None)
@@ -534,25 +649,17 @@ def load_image_folder(root: str, validation_share: float, check_images: bool, se
         train_dir, eval_dir = root, None
     list_files = {split: os.path.join(root, f"{split}_list.txt") for split in ("train", "val")}
     if os.path.isfile(list_files["train"]):
-        train_entries = _read_list_file(list_files["train"])
-        names: dict[int, str] = {}
-        for relative, label in train_entries:
-            folder = relative.replace("\\", "/").split("/")[0] if "/" in relative else str(label)
-            if names.setdefault(label, folder) != folder:
-                raise ValueError(f"{list_files['train']}: label {label} names folders {names[label]} and {folder}")
-        class_names = [names.get(index, str(index)) for index in range(max(names) + 1)]
+        train_entries = read_list_file(list_files["train"])
+        class_names = _list_class_names(list_files["train"], train_entries, train_dir)
     else:
         train_entries, class_names = _scan_class_folders(train_dir, None)
     features = datasets.Features({"image": Value("string"), "label": ClassLabel(names=class_names)})
     train = _build_split(train_dir, train_entries, check_images, features)
     if eval_dir is None:
-        split = train.train_test_split(test_size=validation_share / 100, seed=seed, stratify_by_column="label")
-        return DatasetDict(train=split["train"], validation=split["test"])
+        return _held_out_split(train, validation_share, seed, root)
     if os.path.isfile(list_files["val"]):
-        eval_entries = _read_list_file(list_files["val"])
-        out_of_range = [label for _, label in eval_entries if label >= len(class_names)]
-        if out_of_range:
-            raise ValueError(f"{list_files['val']} has labels {out_of_range[:5]} beyond the {len(class_names)} classes")
+        eval_entries = read_list_file(list_files["val"])
+        _check_eval_labels(eval_entries, class_names)
     else:
         eval_entries, _ = _scan_class_folders(eval_dir, class_names)
     return DatasetDict(train=train, validation=_build_split(eval_dir, eval_entries, check_images, features))
