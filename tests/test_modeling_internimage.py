@@ -36,6 +36,7 @@ from transformers_common import load_transformers_common_tests  # noqa: E402
 import dcnv3_ops  # noqa: E402
 from configuration_internimage import AUTO_MAP, InternImageConfig  # noqa: E402
 from modeling_internimage import (  # noqa: E402
+    InternImageBackbone,
     InternImageDCNv3,
     InternImageForImageClassification,
     InternImageLayer,
@@ -215,6 +216,41 @@ class InternImageModelTest(COMMON.ModelTesterMixin, unittest.TestCase):
 
     @unittest.skip(reason="InternImage has no attention outputs to retain gradients of (hidden states are checked)")
     def test_retain_grad_hidden_states_attentions(self) -> None: ...
+
+
+class InternImageBackboneTest(COMMON.BackboneTesterMixin, unittest.TestCase):
+    """transformers' `BackboneTesterMixin` on `InternImageBackbone`, with the model tests' tiny configuration."""
+
+    all_model_classes = (InternImageBackbone,)
+    config_class = InternImageConfig
+    has_attentions = False
+
+    def setUp(self) -> None:
+        self.model_tester = InternImageModelTester(self)
+
+    @unittest.skip(
+        reason="its first check expects out_features=None to mean the last stage only; InternImage's config defaults "
+        "to the four stage maps (dense-prediction heads such as UperNet take all four, as the official backbones "
+        "return them). Its other checks are in test_out_features_and_out_indices."
+    )
+    def test_config(self) -> None: ...
+
+    def test_out_features_and_out_indices(self) -> None:
+        """`test_config`'s checks with InternImage's default (the four stage maps)."""
+        config = InternImageConfig()
+        self.assertEqual(config.stage_names, ["stem", "stage1", "stage2", "stage3", "stage4"])
+        self.assertEqual((config.out_features, config.out_indices), (config.stage_names[1:], [1, 2, 3, 4]))
+        for kwargs, features, indices in (
+            ({"out_features": ["stem", "stage1"], "out_indices": [0, 1]}, ["stem", "stage1"], [0, 1]),
+            ({"out_features": ["stage1", "stage3"]}, ["stage1", "stage3"], [1, 3]),
+            ({"out_indices": [0, 2]}, ["stem", "stage2"], [0, 2]),
+        ):
+            config = InternImageConfig(**kwargs)
+            self.assertEqual((config.out_features, config.out_indices), (features, indices))
+        config.out_features = None  # after construction, None selects the last stage, as in transformers
+        self.assertEqual((config.out_features, config.out_indices), (["stage4"], [4]))
+        with self.assertRaises(ValueError):
+            InternImageConfig(out_features=["stage1", "stage2"], out_indices=[0, 2])
 
 
 # ---------------------------------------------------------------------------------------------------------------

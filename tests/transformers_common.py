@@ -1,4 +1,5 @@
-"""Transformers' own common test mixins (`ModelTesterMixin`, `ConfigTester`), obtained at test time.
+"""Transformers' own common test mixins (`ModelTesterMixin`, `ConfigTester`, `BackboneTesterMixin`), obtained at
+test time.
 
 They live in the `tests/` folder of the transformers source distribution, not in the wheel, and are not copied into
 this repository. `load_transformers_common_tests()` finds them, in this order:
@@ -8,10 +9,16 @@ this repository. `load_transformers_common_tests()` finds them, in this order:
 3. `pip download --no-deps --no-binary :all: transformers==<installed version>` into that cache (the only network
    access of the test suite).
 
-The sdist ships the top-level `tests/*.py` only; the three helper modules they import from sub-folders
-(`exporters.test_export`, `generation.test_utils`, `utils.test_configuration_utils`) are replaced by the small
-stand-ins below: InternImage does not generate text, and `torch.export` is covered by the export tests.
-When none of this works, the returned mixins make every common test skip with the reason.
+The sdist ships the top-level `tests/*.py` only; the three helper modules they import from sub-folders are
+replaced by the stand-ins below:
+- `exporters.test_export.ExportTesterMixin` (a base of `ModelTesterMixin`): its tests are in no distribution, so
+  the stand-in reports each of them (`EXPORT_TESTS`) as skipped, with that reason;
+- `generation.test_utils.GenerationTesterMixin`: only used by `ModelTesterMixin` to check that a model that cannot
+  generate does not inherit it, which an empty class answers correctly (it holds no test);
+- `utils.test_configuration_utils.config_common_kwargs`: the values `ConfigTester` round-trips (data, no test).
+
+When the sources cannot be obtained, the returned mixins make every common test skip with the reason, except under
+CI (`CI=true`, as GitHub Actions and `.ci/run` set): there they fail, so a CI run cannot go green without them.
 """
 
 from __future__ import annotations
@@ -36,6 +43,12 @@ import transformers
 SOURCE_ENV_VAR = "INTERNIMAGE_TRANSFORMERS_SRC"
 PACKAGE = "transformers_upstream_tests"
 PIP_TIMEOUT_S = 600
+# The tests of transformers' `ExportTesterMixin` (tests/exporters/test_export.py, not in the source distribution).
+EXPORT_TESTS = ("test_torch_export", "test_onnx_export", "test_executorch_export")
+EXPORT_SKIP_REASON = (
+    "transformers' ExportTesterMixin (tests/exporters/test_export.py) is not in the transformers source distribution;"
+    " ONNX export is tested in tests/test_ecosystem.py"
+)
 
 # Non-default values of `PretrainedConfig`'s common arguments; `ConfigTester.check_config_arguments_init` checks that
 # the config keeps each of them.
@@ -67,9 +80,22 @@ class CommonTests:
 
     ModelTesterMixin: type
     ConfigTester: type
+    BackboneTesterMixin: type
     floats_tensor: object
     ids_tensor: object
     skip_reason: str | None = None
+
+
+def running_under_ci() -> bool:
+    """`CI` set to a true value, as GitHub Actions, GitLab and `.ci/run` do."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def _skipped(reason: str):
+    def test(self) -> None:
+        self.skipTest(reason)
+
+    return test
 
 
 def _cache_dir() -> Path:
@@ -128,12 +154,13 @@ def _register_module(name: str, is_package: bool = False, **attributes) -> None:
     sys.modules[name] = module
 
 
-def _import_mixins(tests_dir: Path) -> tuple[types.ModuleType, types.ModuleType]:
+def _import_mixins(tests_dir: Path) -> tuple[types.ModuleType, types.ModuleType, types.ModuleType]:
     package = types.ModuleType(PACKAGE)
     package.__path__ = [str(tests_dir)]
     sys.modules[PACKAGE] = package
     _register_module(f"{PACKAGE}.exporters", is_package=True)
-    _register_module(f"{PACKAGE}.exporters.test_export", ExportTesterMixin=type("ExportTesterMixin", (), {}))
+    export_mixin = type("ExportTesterMixin", (), {name: _skipped(EXPORT_SKIP_REASON) for name in EXPORT_TESTS})
+    _register_module(f"{PACKAGE}.exporters.test_export", ExportTesterMixin=export_mixin)
     _register_module(f"{PACKAGE}.generation", is_package=True)
     _register_module(
         f"{PACKAGE}.generation.test_utils", GenerationTesterMixin=type("GenerationTesterMixin", (), {})
@@ -149,33 +176,40 @@ def _import_mixins(tests_dir: Path) -> tuple[types.ModuleType, types.ModuleType]
         warnings.simplefilter("ignore", pytest.PytestUnknownMarkWarning)
         modeling_common = importlib.import_module(f"{PACKAGE}.test_modeling_common")
         configuration_common = importlib.import_module(f"{PACKAGE}.test_configuration_common")
-    return modeling_common, configuration_common
+        backbone_common = importlib.import_module(f"{PACKAGE}.test_backbone_common")
+    return modeling_common, configuration_common, backbone_common
 
 
-def _skipping_stand_ins(reason: str) -> CommonTests:
-    class SkippingMixin:
+def _stand_ins(reason: str) -> CommonTests:
+    """Mixins whose tests skip with `reason`, or fail with it under CI."""
+    exception = RuntimeError if running_under_ci() else unittest.SkipTest
+    if running_under_ci():
+        reason = f"{reason} (CI=true: the common tests are required)"
+
+    class UnavailableMixin:
         @classmethod
         def setUpClass(cls) -> None:
-            raise unittest.SkipTest(reason)
+            raise exception(reason)
 
     def unavailable(*args, **kwargs):
-        raise unittest.SkipTest(reason)
+        raise exception(reason)
 
-    return CommonTests(SkippingMixin, unavailable, unavailable, unavailable, skip_reason=reason)
+    return CommonTests(UnavailableMixin, unavailable, UnavailableMixin, unavailable, unavailable, skip_reason=reason)
 
 
 def load_transformers_common_tests() -> CommonTests:
     """The common test mixins of the installed transformers version (see the module docstring)."""
     try:
-        modeling_common, configuration_common = _import_mixins(_find_tests_dir())
-    except Exception as error:  # any failure to obtain them turns into a skip with its reason
-        return _skipping_stand_ins(
+        modeling_common, configuration_common, backbone_common = _import_mixins(_find_tests_dir())
+    except Exception as error:  # any failure to obtain them turns into a skip (a failure under CI) with its reason
+        return _stand_ins(
             f"transformers' common tests unavailable ({type(error).__name__}: {error}); set {SOURCE_ENV_VAR} to an"
             " extracted transformers source tree or allow `pip download transformers`"
         )
     return CommonTests(
         modeling_common.ModelTesterMixin,
         configuration_common.ConfigTester,
+        backbone_common.BackboneTesterMixin,
         modeling_common.floats_tensor,
         modeling_common.ids_tensor,
     )
