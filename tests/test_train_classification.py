@@ -60,7 +60,6 @@ def test_default_run_reaches_90_percent_and_writes_metrics(default_run):
     results = read_json(out / "all_results.json")
     assert read_json(out / "eval_results.json")["eval_accuracy"] == results["eval_accuracy"]
     assert 0.9 <= results["eval_accuracy"] <= 1.0, results
-    assert results["eval_accuracy"] <= results["eval_top5_accuracy"] <= 1.0
     config = read_json(out / "config.json")
     assert config["auto_map"]["AutoModelForImageClassification"] == (
         "modeling_internimage.InternImageForImageClassification"
