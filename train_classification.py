@@ -759,24 +759,46 @@ class AugmentationEpochCallback(TrainerCallback):
         self.augmentation.epoch = math.floor(state.epoch + 1e-6)
 
 
+def _describe(value: str | dict | PILImage.Image) -> str:
+    where = value.get("path") if isinstance(value, dict) else value
+    return where if isinstance(where, str) else "(in memory)"
+
+
 def make_batch_transform(
     images_to_tensors: Callable[[list[PILImage.Image], list[int] | None], list[torch.Tensor]],
+    source: Dataset | None = None,
 ) -> Callable[[dict], dict]:
-    """`set_transform` function: decode, convert to RGB and transform a batch; undecodable images are dropped.
+    """`set_transform` function: decode, convert to RGB and transform a batch.
 
-    `images_to_tensors` gets the images and their `sample_index` values (`None` without that column).
+    `images_to_tensors` gets the images and their `sample_index` values (`None` without that column). An image
+    that does not decode (a corrupt file must not kill a data-loader worker, nor empty a batch mid-epoch) is
+    replaced by the next decodable image of `source` (the untransformed split that `sample_index` indexes) with
+    its label; without `source` (streaming, where `map` may drop rows) it is dropped. Either way with a warning.
     """
+
+    def replacement(index: int) -> tuple[PILImage.Image, int] | None:
+        for step in range(1, len(source)):
+            row = source[(index + step) % len(source)]
+            try:
+                return load_rgb(row["image"]), row["label"]
+            except Exception:  # PIL raises many types for corrupt files
+                continue
+        return None
 
     def transform(batch: dict) -> dict:
         images, labels, indices = [], [], []
         sample_indices = batch.get("sample_index", [None] * len(batch["label"]))
         for value, label, index in zip(batch["image"], batch["label"], sample_indices):
             try:
-                images.append(load_rgb(value))
-            except Exception as error:  # a corrupt file must not kill a data-loader worker
-                where = value.get("path") if isinstance(value, dict) else value
-                logger.warning(f"Skipping an undecodable image {where if isinstance(where, str) else ''}: {error}")
-                continue
+                image = load_rgb(value)
+            except Exception as error:  # PIL raises many types for corrupt files
+                found = replacement(index) if source is not None and index is not None else None
+                if found is None:
+                    logger.warning(f"Skipping an undecodable image {_describe(value)}: {error}")
+                    continue
+                logger.warning(f"Replacing an undecodable image {_describe(value)} by the next sample: {error}")
+                image, label = found
+            images.append(image)
             labels.append(label)
             indices.append(index)
         pixel_values = images_to_tensors(images, indices if "sample_index" in batch else None) if images else []
@@ -915,16 +937,21 @@ def prepare_datasets(
     def preprocess(images: list[PILImage.Image], indices: list[int] | None) -> list[torch.Tensor]:
         return list(processor(images=images, return_tensors="pt").pixel_values)
 
-    train_fn, eval_fn = make_batch_transform(augment), make_batch_transform(preprocess)
     if streaming:
         columns = ["image", "label"]
         return (
-            splits["train"].map(train_fn, batched=True, remove_columns=columns),
-            splits["validation"].map(eval_fn, batched=True, remove_columns=columns),
+            splits["train"].map(make_batch_transform(augment), batched=True, remove_columns=columns),
+            splits["validation"].map(make_batch_transform(preprocess), batched=True, remove_columns=columns),
             None,
         )
-    train = splits["train"].add_column("sample_index", list(range(len(splits["train"]))))
-    return train.with_transform(train_fn), splits["validation"].with_transform(eval_fn), augmentation
+    train, evaluation = (
+        split.add_column("sample_index", list(range(len(split)))) for split in (splits["train"], splits["validation"])
+    )
+    return (
+        train.with_transform(make_batch_transform(augment, source=splits["train"])),
+        evaluation.with_transform(make_batch_transform(preprocess, source=splits["validation"])),
+        augmentation,
+    )
 
 
 def scale_learning_rates(

@@ -61,8 +61,9 @@ def test_missing_files_are_skipped_without_opening_images(tmp_path, caplog):
 
 
 def test_imagenet_folder_trains_and_evaluates_what_it_saved(tmp_path):
-    """The in1k recipe (RandAugment, random erasing, mixup/cutmix, EMA) for three steps in a worker process; the
-    saved model, run on the validation list, gives the evaluated accuracy."""
+    """The in1k recipe (RandAugment, random erasing, mixup/cutmix, EMA) for an epoch in a worker process, images not
+    checked beforehand: the missing file is skipped before training, the corrupt one replaced when its batch is
+    loaded. The saved model, run on the validation list, gives the evaluated accuracy."""
     import torch
     from transformers import CLIPImageProcessor
 
@@ -73,14 +74,15 @@ def test_imagenet_folder_trains_and_evaluates_what_it_saved(tmp_path):
     out = tmp_path / "out"
     log = run_script(
         tmp_path, "--data_path", str(root), "--architecture", "internimage_digits", "--image_size", "32",
-        "--output_dir", str(out), "--max_steps", "3", "--per_device_train_batch_size", "4",
+        "--output_dir", str(out), "--max_steps", "6", "--per_device_train_batch_size", "4",
         "--per_device_eval_batch_size", "4", "--dataloader_num_workers", "1", "--save_strategy", "no",
-        "--eval_strategy", "no", "--disable_tqdm", "true", "--cpu_threads", "1",
+        "--eval_strategy", "no", "--disable_tqdm", "true", "--cpu_threads", "1", "--check_images", "false",
     )
-    assert "skipped 2 image(s)" in log
+    assert "skipped 1 image(s)" in log  # 23 images: 6 batches of 4 make the first epoch
+    assert f"Replacing an undecodable image {root / 'train' / WNIDS[1] / 'corrupt.JPEG'} by the next sample" in log
     config = read_json(out / "config.json")
     assert config["id2label"] == {"0": "n01443537", "1": "n01484850", "2": "n01440764"}
-    assert read_json(out / "trainer_state.json")["global_step"] == 3
+    assert read_json(out / "trainer_state.json")["global_step"] == 6
     model = InternImageForImageClassification.from_pretrained(out).eval()
     processor = CLIPImageProcessor.from_pretrained(out)
     images = [train_classification.load_rgb(str(root / "val" / name)) for name in val_labels]
@@ -238,6 +240,26 @@ def test_dataset_folder_through_datasets_decodes_late_and_drops_corrupt_images(t
     )
     first = next(iter(streamed["train"].map(transform, batched=True, remove_columns=["image", "label"])))
     assert first["pixel_values"].shape == (3, 32, 32) and first["labels"] in (0, 1)
+
+
+def test_an_undecodable_image_is_replaced_so_no_batch_empties(tmp_path, caplog):
+    """Decoded late (`--check_images false`, or `--dataset_name`), a corrupt file is replaced by the next decodable
+    sample of its split, with that sample's label: a batch of corrupt images keeps its size instead of ending the
+    epoch with `stack expects a non-empty TensorList`."""
+    from datasets import Dataset
+
+    save_class_folders(tmp_path, {"cat": 2, "dog": 2})
+    for name in ("cat/0.png", "cat/1.png", "dog/1.png"):
+        (tmp_path / name).write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    paths = [str(tmp_path / name) for name in ("cat/0.png", "cat/1.png", "dog/0.png", "dog/1.png")]
+    split = Dataset.from_dict({"image": paths, "label": [0, 0, 1, 1], "sample_index": [0, 1, 2, 3]})
+    transform = train_classification.make_batch_transform(
+        lambda images, indices: [image.tobytes() for image in images], source=split
+    )
+    batch = transform(split.select([0, 1, 3])[:])
+    expected = train_classification.load_rgb(paths[2]).tobytes()
+    assert batch["pixel_values"] == [expected] * 3 and batch["labels"] == [1, 1, 1]
+    assert caplog.text.count("Replacing an undecodable image") == 3
 
 
 # ------------------------------------------------------------------------------------ the list parser, fuzzed
