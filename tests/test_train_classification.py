@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+pytest.importorskip("datasets")  # train_classification's data pipeline; not installed on every GPU machine
+pytest.importorskip("evaluate")
 import train_classification  # noqa: E402
 from configuration_internimage import InternImageConfig  # noqa: E402
 from modeling_internimage import InternImageForImageClassification  # noqa: E402
@@ -51,6 +53,7 @@ def offline_env(tmp_path: Path) -> dict[str, str]:
     env.update(
         HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"),
         OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1",
+        CUDA_VISIBLE_DEVICES="",  # the CPU recipe everywhere: bit-exact resumes, GPU atomics are not reproducible
     )
     return env
 

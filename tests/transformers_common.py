@@ -16,7 +16,7 @@ When none of this works, the returned mixins make every common test skip with th
 
 from __future__ import annotations
 
-import importlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -166,6 +166,8 @@ def _skipping_stand_ins(reason: str) -> CommonTests:
 
 def load_transformers_common_tests() -> CommonTests:
     """The common test mixins of the installed transformers version (see the module docstring)."""
+    if importlib.util.find_spec("parameterized") is None:  # imported by test_modeling_common
+        return _skipping_stand_ins("transformers' common tests need `parameterized`, which is not installed")
     try:
         modeling_common, configuration_common = _import_mixins(_find_tests_dir())
     except Exception as error:  # any failure to obtain them turns into a skip with its reason
