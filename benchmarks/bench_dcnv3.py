@@ -300,11 +300,13 @@ def bench_op_case(
 def bench_ops(
     variants: Iterable[str], dtypes: Iterable[str], backends: list[str], device: torch.device, batch: int,
     copy_bandwidth: float, small: bool = False, timing: Timing = Timing(), deadline: float | None = None,
+    stages: Iterable[int] = range(4),
 ) -> Iterator[dict]:
-    """`bench_op_case` rows for every stage of `variants` and every dtype, in that order. With a `deadline`
+    """`bench_op_case` rows for `stages` of `variants` and every dtype, in that order. With a `deadline`
     (`time.time()` value), a case is started only while at least twice the previous case's duration remains; the
     cases left out then give one `{"kind": "skipped"}` row."""
-    cases = [(shape, dtype) for variant in variants for shape in stage_shapes(variant, small) for dtype in dtypes]
+    cases = [(shape, dtype) for variant in variants for shape in stage_shapes(variant, small)
+             if shape.stage in stages for dtype in dtypes]
     last_case_s = 0.0
     for index, (shape, dtype) in enumerate(cases):
         if deadline is not None and time.time() + 2 * last_case_s > deadline:

@@ -182,12 +182,12 @@ def failures(records: list[dict]) -> list[str]:
     found += [f"test {r['test']}: {r['outcome']}" for r in records
               if r["kind"] == "test" and r["outcome"] in ("failed", "error")]
     for r in records:
+        what = " ".join(str(r[key]).upper() if key == "variant" else str(r[key]) for key in
+                        ("kind", "variant", "model", "shape", "dtype", "backend", "batch", "mode") if key in r)
         if r["kind"] in ("op", "inference") and not r.get("parity_ok", True):
-            what = f"{r.get('variant', r.get('model', ''))} {r.get('shape', '')} {r['dtype']} {r['backend']}"
-            found.append(f"{r['kind']} {what.strip()} {r.get('mode', '')}: " + (
-                r.get("error") or f"error {r['parity_error']} above the tolerance"))
+            found.append(f"{what}: " + (r.get("error") or f"error {r['parity_error']} above the tolerance"))
         elif r["kind"] in ("train_step", "train_run") and not r.get("ok", True):
-            found.append(f"{r['kind']} {r.get('backend', '')}: {r.get('error') or 'loss ' + str(r.get('loss'))}")
+            found.append(f"{what}: " + (r.get("error") or f"loss {r.get('loss')}"))
     return found
 
 
@@ -348,10 +348,10 @@ def part_env(part: Part) -> int:
 
 
 def part_build(part: Part) -> int:
+    if part.dry_run:
+        return part.finish("skipped", "dry run: no CUDA device (CI builds it with .ci/build_cuda_extension.sh)")
     import torch
 
-    if part.device.type != "cuda":
-        return part.finish("skipped", "no CUDA device (CI builds the extension with .ci/build_cuda_extension.sh)")
     sys.path.insert(0, str(ROOT / "dcnv3_cuda"))
     from build_utils import BuildEnvironmentError, prepare_build_environment
 
@@ -438,9 +438,11 @@ def part_ops(part: Part) -> int:
     timing = bench_dcnv3.SMOKE_TIMING if part.dry_run else bench_dcnv3.Timing()
     batch = 1 if part.dry_run else 64
     rows = []
-    variants = ["t"] if part.dry_run else list(bench_dcnv3.VARIANTS)  # the interpreter's time: T's stages only
+    # A dry run measures T's first and last stage only: the tiny shapes of all stages are alike, the interpreter slow.
+    variants, stages = (["t"], (0, 3)) if part.dry_run else (list(bench_dcnv3.VARIANTS), range(4))
     for row in bench_dcnv3.bench_ops(variants, list(bench_dcnv3.DTYPES), backends, part.device, batch,
-                                     _copy_bandwidth(part), small=part.dry_run, timing=timing, deadline=part.deadline):
+                                     _copy_bandwidth(part), small=part.dry_run, timing=timing, deadline=part.deadline,
+                                     stages=stages):
         part.add(row)
         rows += [row] if row["kind"] == "op" else []
         print(bench_dcnv3.op_table([row]).splitlines()[-1] if row["kind"] == "op" else f"not measured: {row}",
