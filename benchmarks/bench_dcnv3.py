@@ -292,7 +292,7 @@ def bench_op_case(
                 row[f"{name}_peak_mib"] = peak_memory_mib(function, device)
             del leaves
         except Exception as error:  # one backend's failure is a result, not the end of the benchmark
-            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
+            row["error"] = error_text(error)
         row["parity_ok"] = "error" not in row and row["parity_error"] <= OP_TOLERANCE[dtype_name]
         yield row
 
@@ -320,31 +320,47 @@ def bench_ops(
             torch.cuda.empty_cache()
 
 
+def error_text(error: BaseException) -> str:
+    """The error's type and the first line of its message."""
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0] if lines else ''}"
+
+
 def _cell(value: float | None, digits: int = 3) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
+def parity_cell(row: dict) -> str:
+    """The row's parity error (a string after JSON when not finite), marked when above the tolerance."""
+    if "parity_error" not in row:
+        return "-"
+    error = row["parity_error"]
+    return (error if isinstance(error, str) else f"{error:.1e}") + ("" if row["parity_ok"] else " FAIL")
+
+
+def markdown_table(header: list[str], key: list[str], rows: Iterable[dict], cells: Callable[[dict], list[str]]) -> str:
+    """A markdown table: the `key` columns of each row, then `cells(row)`, or the row's error across the rest."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        values = [str(row[name]) for name in key]
+        values += [f"failed: {row['error']}"] + [""] * (len(header) - len(key) - 1) if "error" in row else cells(row)
+        lines.append("| " + " | ".join(values) + " |")
+    return "\n".join(lines)
+
+
 def op_table(rows: Iterable[dict]) -> str:
     """Markdown table of `bench_op_case` rows."""
-    lines = [
-        "| variant | stage | shape (batch) | dtype | backend | fwd ms | fwd GB/s | fwd % copy | fwd+bwd ms "
-        "| fwd+bwd GB/s | fwd+bwd % copy | peak MiB fwd / fwd+bwd | fwd error vs PyTorch fp32 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        head = (f"| {row['variant'].upper()} | {row['stage']} | {row['shape']} ({row['batch']}) | {row['dtype']} "
-                f"| {row['backend']} ")
-        if "error" in row:
-            lines.append(head + f"| failed: {row['error']} |" + " |" * 8)
-            continue
-        cells = []
+    def cells(row: dict) -> list[str]:
+        values = []
         for name in ("fwd", "fwd_bwd"):
-            cells += [_cell(row[f"{name}_ms"]), _cell(row[f"{name}_gbps"], 0),
-                      f"{100 * row[f'{name}_copy_fraction']:.0f}%"]
-        peaks = f"{_cell(row['fwd_peak_mib'], 0)} / {_cell(row['fwd_bwd_peak_mib'], 0)}"
-        parity = f"{row['parity_error']:.1e}" + ("" if row["parity_ok"] else " FAIL")
-        lines.append(head + "| " + " | ".join([*cells, peaks, parity]) + " |")
-    return "\n".join(lines)
+            values += [_cell(row[f"{name}_ms"]), _cell(row[f"{name}_gbps"], 0),
+                       f"{100 * row[f'{name}_copy_fraction']:.0f}%"]
+        return [*values, f"{_cell(row['fwd_peak_mib'], 0)} / {_cell(row['fwd_bwd_peak_mib'], 0)}", parity_cell(row)]
+
+    header = ["variant", "stage", "shape", "batch", "dtype", "backend", "fwd ms", "fwd GB/s", "fwd % copy",
+              "fwd+bwd ms", "fwd+bwd GB/s", "fwd+bwd % copy", "peak MiB fwd / fwd+bwd", "fwd error vs PyTorch fp32"]
+    rows = [{**row, "variant": row["variant"].upper()} for row in rows]
+    return markdown_table(header, ["variant", "stage", "shape", "batch", "dtype", "backend"], rows, cells)
 
 
 def model_config(variant: str, small: bool, **overrides) -> InternImageConfig:
@@ -413,23 +429,18 @@ def bench_inference(
                 row["parity_error"] = relative_error(logits.float(), expected)
                 row["parity_ok"] = row["parity_error"] <= MODEL_TOLERANCE[row["dtype"]]
         except Exception as error:  # e.g. a backend that cannot be captured in a CUDA graph
-            row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"
-            row["parity_ok"] = False
+            row["error"], row["parity_ok"] = error_text(error), False
         yield row
 
 
 def inference_table(rows: Iterable[dict]) -> str:
-    lines = ["| model | backend | dtype | batch | mode | ms/batch | img/s | peak MiB | logits error vs PyTorch fp32 |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        head = f"| {row['model']} | {row['backend']} | {row['dtype']} | {row['batch']} | {row['mode']} "
-        if "error" in row:
-            lines.append(head + f"| failed: {row['error']} | | | |")
-            continue
-        parity = "-" if "parity_error" not in row else (
-            f"{row['parity_error']:.1e}" + ("" if row["parity_ok"] else " FAIL"))
-        lines.append(head + f"| {row['ms']:.2f} | {row['images_per_s']:.1f} | {_cell(row['peak_mib'], 0)} | {parity} |")
-    return "\n".join(lines)
+    """Markdown table of `bench_inference` rows."""
+    def cells(row: dict) -> list[str]:
+        return [f"{row['ms']:.2f}", f"{row['images_per_s']:.1f}", _cell(row["peak_mib"], 0), parity_cell(row)]
+
+    header = ["model", "backend", "dtype", "batch", "mode", "ms/batch", "img/s", "peak MiB",
+              "logits error vs PyTorch fp32"]
+    return markdown_table(header, ["model", "backend", "dtype", "batch", "mode"], rows, cells)
 
 
 def main() -> None:

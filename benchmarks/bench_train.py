@@ -23,7 +23,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_dcnv3 import available_backends, peak_memory_mib, use_backend  # noqa: E402
+from bench_dcnv3 import (  # noqa: E402
+    available_backends,
+    error_text,
+    markdown_table,
+    peak_memory_mib,
+    use_backend,
+)
 
 from configuration_internimage import InternImageConfig  # noqa: E402
 from modeling_internimage import InternImageForImageClassification  # noqa: E402
@@ -76,23 +82,19 @@ def bench_train_step(
                    peak_mib=peak_memory_mib(step, device, absolute=True), loss=step().item())
         row["ok"] = math.isfinite(row["loss"])
     except Exception as error:  # one backend's failure is a result, not the end of the benchmark
-        row.update(error=f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}", ok=False)
+        row.update(error=error_text(error), ok=False)
     return row
 
 
 def train_step_table(rows: list[dict]) -> str:
     """Markdown table of `bench_train_step` rows."""
-    lines = ["| model | backend | autocast | batch | img/s | ms/step | peak MiB | loss |",
-             "|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        head = f"| {row['model']} | {row['backend']} | {row['dtype']} | {row['batch']} "
-        if "error" in row:
-            lines.append(head + f"| failed: {row['error']} | | | |")
-            continue
+    def cells(row: dict) -> list[str]:
         peak = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}"
         loss = f"{row['loss']:.3f}" + ("" if row["ok"] else " FAIL")
-        lines.append(head + f"| {row['images_per_s']:.1f} | {row['seconds_per_step'] * 1e3:.1f} | {peak} | {loss} |")
-    return "\n".join(lines)
+        return [f"{row['images_per_s']:.1f}", f"{row['seconds_per_step'] * 1e3:.1f}", peak, loss]
+
+    header = ["model", "backend", "autocast", "batch", "img/s", "ms/step", "peak MiB", "loss"]
+    return markdown_table(header, ["model", "backend", "dtype", "batch"], rows, cells)
 
 
 def benchmark(
