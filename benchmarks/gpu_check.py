@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime
+import functools
 import importlib.util
 import json
 import math
@@ -55,6 +56,12 @@ PART_MINIMUM_S = {"env": 30, "build": 90, "tests": 90, "ops": 20, "model": 20, "
 SOFT_MARGIN = 0.15  # share of its limit a part keeps free after its soft deadline, to write up and exit
 TARGETS = {"triton_fwd_speedup": 5.0, "triton_fwd_bwd_speedup": 3.0, "copy_fraction": 0.6, "latency_ms": 6.4}
 TRAIN_PACKAGES = ("datasets", "evaluate")
+TEST_TIMEOUT_S = 120  # per test, with pytest-timeout
+# Reported by the env part: what `datasets` needs (docs/gpu-check.md), test plugins, the extension's build tools.
+OPTIONAL_PACKAGES = (
+    "datasets", "evaluate", "dill", "multiprocess", "pyarrow", "fsspec", "huggingface-hub", "pandas", "xxhash",
+    "parameterized", "pytest", "pytest-xdist", "pytest-timeout", "accelerate", "timm", "setuptools", "ninja",
+)
 
 
 # ------------------------------------------------------------------------------------------------------- records
@@ -179,7 +186,7 @@ def failures(records: list[dict]) -> list[str]:
     for r in records:
         what = " ".join(str(r[key]).upper() if key == "variant" else str(r[key]) for key in
                         ("kind", "variant", "model", "shape", "dtype", "backend", "batch", "mode") if key in r)
-        if r["kind"] in ("op", "inference") and not r.get("parity_ok", True):
+        if r["kind"] in ("op", "inference") and r.get("parity_ok") is False:
             found.append(f"{what}: " + (r.get("error") or f"error {r['parity_error']} above the tolerance"))
         elif r["kind"] in ("train_step", "train_run") and not r.get("ok", True):
             found.append(f"{what}: " + (r.get("error") or f"loss {r.get('loss')}"))
@@ -256,6 +263,8 @@ def render_markdown(records: list[dict]) -> str:
     lines = [f"## GPU check, {run.get('date', '')}" + (" (dry run on CPU, tiny shapes)" if run.get("dry_run") else ""),
              "", f"Command: `{run.get('command', '')}`", ""]
     lines += [f"Environment: {environment_line(env)}" if env else "Environment: not measured", ""]
+    if env and env.get("packages"):
+        lines += ["Packages: " + ", ".join(f"{name} {version or '-'}" for name, version in env["packages"].items()), ""]
     sections = (("DCNv3 op", "op", op_table), ("Inference", "inference", inference_table),
                 ("Training step (forward + backward + AdamW)", "train_step", train_step_table))
     for title, kind, table in sections:
@@ -337,9 +346,22 @@ def part_env(part: Part) -> int:
     if part.device.type == "cuda" and not torch.cuda.is_available():
         return part.finish("failed", "no CUDA device is visible; on a machine without one use --dry-run")
     info = environment(part.device, 64 if part.dry_run else 2048)
-    part.add({"kind": "env", **info})
+    part.add({"kind": "env", **info, "packages": package_versions()})
     print(environment_line(info), flush=True)
     return part.finish("passed")
+
+
+def package_versions() -> dict[str, str | None]:
+    """Versions of the packages the optional parts and the tests depend on (`None`: not installed)."""
+    from importlib import metadata
+
+    versions = {}
+    for name in OPTIONAL_PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
 
 
 def part_build(part: Part) -> int:
@@ -390,6 +412,8 @@ def part_tests(part: Part) -> int:
                "-rfE", "tests"]
     if part.args.test_workers > 1 and importlib.util.find_spec("xdist") is not None:
         command += ["-n", str(part.args.test_workers)]
+    if importlib.util.find_spec("pytest_timeout") is not None:  # a hung test fails alone, the others still run
+        command += ["--timeout", str(TEST_TIMEOUT_S)]
     env = {**os.environ, "GPU_CHECK_RECORDS": str(part.records_path)}
     log_path = part.args.output / "tests.log"
     with open(log_path, "w") as log:
@@ -455,7 +479,6 @@ def part_model(part: Part) -> int:
     backends = ["pytorch"] if part.dry_run else _unavailable_backends(part)
     timing = bench_dcnv3.SMOKE_TIMING if part.dry_run else bench_dcnv3.Timing(budget_s=0.5)
     batch, train_batch = (2, 2) if part.dry_run else (128, 64)
-    graph = part.device.type == "cuda"
     model = bench_dcnv3.build_classifier(bench_dcnv3.model_config("t", small=part.dry_run), part.device)
     name = f"InternImage-T {model.config.image_size}" + (" (tiny)" if part.dry_run else "")
 
@@ -470,18 +493,26 @@ def part_model(part: Part) -> int:
         return references[pixels.shape]
 
     half = {dtype: copy.deepcopy(model).to(getattr(torch, dtype)) for dtype in ("float16", "bfloat16")}
+
+    def inference(backend: str, dtype: str, size: int, mode: str) -> list[dict]:
+        return list(bench_dcnv3.bench_inference(half[dtype], name, backend, size, part.device, timing, reference,
+                                                modes=(mode,)))
+
+    def training(backend: str) -> list[dict]:
+        return [bench_train.bench_train_step(copy.deepcopy(model), name, backend, train_batch, part.device,
+                                             torch.bfloat16, warmup=1 if part.dry_run else 2,
+                                             iterations=1 if part.dry_run else 5)]
+
+    # The latency target first, then throughput and training; CUDA graphs last (a failed capture can leave the
+    # device in an error state).
     plan: list[tuple[str, Callable[[], list[dict]]]] = []
-    for backend in backends:  # the latency target first, then throughput, then training
-        plan.append((f"fp16 batch-1 latency, {backend}", lambda b=backend: list(bench_dcnv3.bench_inference(
-            half["float16"], name, b, 1, part.device, timing, reference, graph=graph))))
-    for dtype in half:
-        for backend in backends:
-            plan.append((f"{dtype} batch-{batch} throughput, {backend}", lambda b=backend, d=dtype: list(
-                bench_dcnv3.bench_inference(half[d], name, b, batch, part.device, timing, reference))))
-    for backend in backends:
-        plan.append((f"training step, {backend}", lambda b=backend: [bench_train.bench_train_step(
-            copy.deepcopy(model), name, b, train_batch, part.device, torch.bfloat16,
-            warmup=1 if part.dry_run else 2, iterations=1 if part.dry_run else 5)]))
+    plan += [(f"fp16 batch-1 latency, {b}", functools.partial(inference, b, "float16", 1, "eager")) for b in backends]
+    plan += [(f"{d} batch-{batch} throughput, {b}", functools.partial(inference, b, d, batch, "eager"))
+             for d in half for b in backends]
+    plan += [(f"training step, {b}", functools.partial(training, b)) for b in backends]
+    if part.device.type == "cuda":
+        plan += [(f"fp16 batch-1 latency as a CUDA graph, {b}",
+                  functools.partial(inference, b, "float16", 1, "cuda graph")) for b in backends]
     rows, last_s = [], 0.0
     for index, (_, measure) in enumerate(plan):
         if time.time() + 2 * last_s > part.deadline:
@@ -496,7 +527,7 @@ def part_model(part: Part) -> int:
         last_s = time.time() - start
         if part.device.type == "cuda":
             torch.cuda.empty_cache()
-    broken = [r for r in rows if "error" in r or not r.get("parity_ok", r.get("ok", True))]
+    broken = [r for r in rows if r.get("parity_ok", r.get("ok")) is False]
     return part.finish("failed" if broken else "passed", f"{len(rows)} rows, {len(broken)} failed")
 
 
