@@ -269,7 +269,9 @@ def bench_op_case(
     shape: StageShape, dtype_name: str, backends: Iterable[str], device: torch.device, batch: int,
     copy_bandwidth: float, timing: Timing = Timing(),
 ) -> Iterator[dict]:
-    """One row per backend for `shape` in `dtype_name`; a backend that fails gives a row with its `error`."""
+    """One row per backend for `shape` in `dtype_name`; a backend that fails gives a row with its `error`.
+    `parity_ok`: the forward is within `OP_TOLERANCE` of the float32 PyTorch backend; `None` when not checked (out
+    of memory: a capacity limit, not a wrong result)."""
     dtype = getattr(torch, dtype_name)
     arguments = op_arguments(shape)
     first = op_tensors(batch, shape, dtype, device)
@@ -279,6 +281,7 @@ def bench_op_case(
     for backend in backends:
         row = {"kind": "op", "variant": shape.variant, "stage": shape.stage, "shape": shape.name, "batch": batch,
                "dtype": dtype_name, "backend": backend, "input_sets": len(sets)}
+        failed = False
         try:
             row["parity_error"] = relative_error(_forward(first, arguments, backend), reference)
             forward = _rotating([functools.partial(_forward, t, arguments, backend) for t in sets])
@@ -291,9 +294,14 @@ def bench_op_case(
                 row[f"{name}_copy_fraction"] = rate / copy_bandwidth
                 row[f"{name}_peak_mib"] = peak_memory_mib(function, device)
             del leaves
-        except Exception as error:  # one backend's failure is a result, not the end of the benchmark
+        except torch.cuda.OutOfMemoryError as error:  # a capacity limit at this shape: reported, not a wrong result
             row["error"] = error_text(error)
-        row["parity_ok"] = "error" not in row and row["parity_error"] <= OP_TOLERANCE[dtype_name]
+        except Exception as error:  # one backend's failure is a result, not the end of the benchmark
+            row["error"], failed = error_text(error), True
+        if "parity_error" in row and not failed:
+            row["parity_ok"] = row["parity_error"] <= OP_TOLERANCE[dtype_name]
+        else:
+            row["parity_ok"] = False if failed else None
         yield row
 
 

@@ -117,7 +117,8 @@ def run_part(part: str, args: argparse.Namespace, limit_s: float) -> dict:
     command += ["--dry-run"] if args.dry_run else []
     print(f"\n== {part} (limit {limit_s:.0f} s)", flush=True)
     start = time.monotonic()
-    process = subprocess.Popen(command, cwd=ROOT, env=child_environment(args.dry_run), start_new_session=True)
+    # A process group of its own, killed as one; in this session, so what ends this session ends it too.
+    process = subprocess.Popen(command, cwd=ROOT, env=child_environment(args.dry_run), preexec_fn=os.setpgrp)
     try:
         returncode = process.wait(timeout=limit_s)
         timed_out = False
@@ -379,7 +380,7 @@ def part_build(part: Part) -> int:
     except BuildEnvironmentError as error:
         return part.finish("failed", str(error))
     source, staging, lib = BUILD_DIR / "source", BUILD_DIR / "lib.partial", BUILD_DIR / "lib"
-    for folder in (source, staging):
+    for folder in (source, staging, lib):  # a failed build leaves no earlier extension for the later parts
         shutil.rmtree(folder, ignore_errors=True)
     shutil.copytree(ROOT / "dcnv3_cuda", source, ignore=shutil.ignore_patterns("build", "*.egg-info", "__pycache__"))
     command = [sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "--no-index",
@@ -396,14 +397,13 @@ def part_build(part: Part) -> int:
         print(log_path.read_text()[-3000:], flush=True)
         return part.finish("failed", f"pip install exited with {completed.returncode} after {seconds:.0f} s "
                                      "(see build.log)")
-    shutil.rmtree(lib, ignore_errors=True)
     staging.rename(lib)
     check = subprocess.run(
         [sys.executable, "-c", "import torch, dcnv3_cuda; torch.ops.dcnv3_cuda.forward.default"],
         env={**os.environ, "PYTHONPATH": str(lib)}, capture_output=True, text=True, cwd=BUILD_DIR,
     )
     if check.returncode != 0:
-        return part.finish("failed", "built, but the import failed: " + check.stderr.strip().splitlines()[-1])
+        return part.finish("failed", "built, but the import failed: " + check.stderr.strip()[-500:])
     return part.finish("passed", f"built for sm_{major}{minor} in {seconds:.0f} s")
 
 
@@ -438,7 +438,8 @@ def _copy_bandwidth(part: Part) -> float:
     return env["copy_gbps"] * 1e9
 
 
-def _unavailable_backends(part: Part) -> list[str]:
+def usable_backends(part: Part) -> list[str]:
+    """The backends that run on the part's device; each one that does not is recorded with its reason."""
     from bench_dcnv3 import backend_availability
 
     backends = []
@@ -453,7 +454,7 @@ def _unavailable_backends(part: Part) -> list[str]:
 def part_ops(part: Part) -> int:
     import bench_dcnv3
 
-    backends = _unavailable_backends(part)
+    backends = usable_backends(part)
     timing = bench_dcnv3.SMOKE_TIMING if part.dry_run else bench_dcnv3.Timing()
     batch = 1 if part.dry_run else 64
     rows = []
@@ -466,7 +467,7 @@ def part_ops(part: Part) -> int:
         rows += [row] if row["kind"] == "op" else []
         print(bench_dcnv3.op_table([row]).splitlines()[-1] if row["kind"] == "op" else f"not measured: {row}",
               flush=True)
-    broken = [r for r in rows if not r["parity_ok"]]
+    broken = [r for r in rows if r["parity_ok"] is False]
     return part.finish("failed" if broken else "passed", f"{len(rows)} rows, {len(broken)} failed")
 
 
@@ -476,7 +477,7 @@ def part_model(part: Part) -> int:
     import torch
 
     # In a dry run the model runs on the PyTorch backend only: the Triton interpreter takes seconds per layer.
-    backends = ["pytorch"] if part.dry_run else _unavailable_backends(part)
+    backends = ["pytorch"] if part.dry_run else usable_backends(part)
     timing = bench_dcnv3.SMOKE_TIMING if part.dry_run else bench_dcnv3.Timing(budget_s=0.5)
     batch, train_batch = (2, 2) if part.dry_run else (128, 64)
     model = bench_dcnv3.build_classifier(bench_dcnv3.model_config("t", small=part.dry_run), part.device)
