@@ -22,9 +22,13 @@ from modeling_internimage import InternImageDCNv3, InternImageForImageClassifica
 
 pytestmark = pytest.mark.gpu
 BACKENDS = ("pytorch", "triton", "cuda")
-# Largest max |x - reference| / max |reference| of logits and of all parameter gradients against the float32
-# PyTorch backend.
-TOLERANCE = {torch.float32: 1e-4, torch.float16: 2e-2, torch.bfloat16: 1e-1}
+# Largest max |x - reference| / max |reference| of the logits and of all parameter gradients against the float32
+# PyTorch backend. A whole model cast to half precision (LayerNorm and softmax backward included) loses more in
+# the gradients: on CPU the PyTorch backend itself reaches 2.4e-2 (fp16) and 7.3e-2 (bf16) there.
+TOLERANCE = {
+    "logits": {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2},
+    "gradients": {torch.float32: 1e-4, torch.float16: 1e-1, torch.bfloat16: 2.5e-1},
+}
 
 
 def require_backend(backend: str) -> None:
@@ -83,8 +87,8 @@ def test_backend_parity_with_gradients(backend, dtype):
     model = deformable_classifier(backend).to(dtype).eval()
     actual = logits_and_gradients(model, pixel_values.to(dtype))
     for name, got, want in zip(("logits", "gradients"), actual, expected):
-        error = relative_error(got, want)
-        assert error < TOLERANCE[dtype], f"{name}: {error:.2e} >= {TOLERANCE[dtype]:.0e}"
+        error, tolerance = relative_error(got, want), TOLERANCE[name][dtype]
+        assert error < tolerance, f"{name}: {error:.2e} >= {tolerance:.1e}"
 
 
 @pytest.mark.parametrize("backend", ["triton", "cuda"])
