@@ -23,13 +23,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_dcnv3 import (  # noqa: E402
-    available_backends,
-    error_text,
-    markdown_table,
-    peak_memory_mib,
-    use_backend,
-)
+from bench_dcnv3 import available_backends, peak_memory_mib, use_backend  # noqa: E402
+from bench_tables import error_text  # noqa: E402
 
 from configuration_internimage import InternImageConfig  # noqa: E402
 from modeling_internimage import InternImageForImageClassification  # noqa: E402
@@ -84,17 +79,6 @@ def bench_train_step(
     except Exception as error:  # one backend's failure is a result, not the end of the benchmark
         row.update(error=error_text(error), ok=False)
     return row
-
-
-def train_step_table(rows: list[dict]) -> str:
-    """Markdown table of `bench_train_step` rows."""
-    def cells(row: dict) -> list[str]:
-        peak = "-" if row["peak_mib"] is None else f"{row['peak_mib']:.0f}"
-        loss = f"{row['loss']:.3f}" + ("" if row["ok"] else " FAIL")
-        return [f"{row['images_per_s']:.1f}", f"{row['seconds_per_step'] * 1e3:.1f}", peak, loss]
-
-    header = ["model", "backend", "autocast", "batch", "img/s", "ms/step", "peak MiB", "loss"]
-    return markdown_table(header, ["model", "backend", "dtype", "batch"], rows, cells)
 
 
 def benchmark(

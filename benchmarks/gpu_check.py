@@ -256,8 +256,7 @@ def _tests_summary(records: list[dict]) -> list[str]:
 def render_markdown(records: list[dict]) -> str:
     """The report: environment, tables, tests, targets and the verdict last (the end of the output is what a
     remote run shows)."""
-    from bench_dcnv3 import environment_line, inference_table, op_table
-    from bench_train import train_step_table
+    from bench_tables import environment_line, inference_table, op_table, train_step_table
 
     run = next((r for r in records if r["kind"] == "run"), {})
     env = next((r for r in records if r["kind"] == "env"), None)
@@ -342,11 +341,12 @@ class Part:
 
 def part_env(part: Part) -> int:
     import torch
-    from bench_dcnv3 import environment, environment_line
+    from bench_dcnv3 import environment
+    from bench_tables import environment_line
 
     if part.device.type == "cuda" and not torch.cuda.is_available():
         return part.finish("failed", "no CUDA device is visible; on a machine without one use --dry-run")
-    info = environment(part.device, 64 if part.dry_run else 2048)
+    info = environment(part.device, 16 if part.dry_run else 2048)
     part.add({"kind": "env", **info, "packages": package_versions()})
     print(environment_line(info), flush=True)
     return part.finish("passed")
@@ -453,6 +453,7 @@ def usable_backends(part: Part) -> list[str]:
 
 def part_ops(part: Part) -> int:
     import bench_dcnv3
+    from bench_tables import op_table
 
     backends = usable_backends(part)
     timing = bench_dcnv3.SMOKE_TIMING if part.dry_run else bench_dcnv3.Timing()
@@ -465,7 +466,7 @@ def part_ops(part: Part) -> int:
                                      stages=stages):
         part.add(row)
         rows += [row] if row["kind"] == "op" else []
-        print(bench_dcnv3.op_table([row]).splitlines()[-1] if row["kind"] == "op" else f"not measured: {row}",
+        print(op_table([row]).splitlines()[-1] if row["kind"] == "op" else f"not measured: {row}",
               flush=True)
     broken = [r for r in rows if r["parity_ok"] is False]
     return part.finish("failed" if broken else "passed", f"{len(rows)} rows, {len(broken)} failed")
