@@ -53,7 +53,7 @@ PARTS = ("build", "tests", "ops", "model", "train")
 # Share of the remaining budget each part gets (relative to the parts still to run), and the least it gets.
 PART_WEIGHT = {"env": 1, "build": 6, "tests": 8, "ops": 5, "model": 5, "train": 3}
 PART_MINIMUM_S = {"env": 30, "build": 90, "tests": 90, "ops": 20, "model": 20, "train": 30}
-SOFT_MARGIN = 0.15  # share of its limit a part keeps free after its soft deadline, to write up and exit
+SOFT_MARGIN_S = 8.0  # time a part keeps after its soft deadline to write up and exit (at most a quarter of its limit)
 TARGETS = {"triton_fwd_speedup": 5.0, "triton_fwd_bwd_speedup": 3.0, "copy_fraction": 0.6, "latency_ms": 6.4}
 TRAIN_PACKAGES = ("datasets", "evaluate")
 TEST_TIMEOUT_S = 120  # per test, with pytest-timeout
@@ -111,7 +111,7 @@ def child_environment(dry_run: bool) -> dict[str, str]:
 
 def run_part(part: str, args: argparse.Namespace, limit_s: float) -> dict:
     """Run one part in its own process group; kill the group at `limit_s`. Returns the run's record."""
-    soft_deadline = time.time() + limit_s * (1 - SOFT_MARGIN)
+    soft_deadline = time.time() + limit_s - min(SOFT_MARGIN_S, limit_s / 4)
     command = [sys.executable, str(Path(__file__).resolve()), str(args.output), "--part", part,
                "--deadline", f"{soft_deadline:.1f}", "--test-workers", str(args.test_workers)]
     command += ["--dry-run"] if args.dry_run else []
@@ -604,8 +604,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--budget", type=float, default=240, help="seconds for the whole plan (default 240)")
     parser.add_argument("--dry-run", action="store_true",
                         help="run the plan on CPU with tiny shapes (Triton interpreted, CUDA parts skipped)")
-    parser.add_argument("--test-workers", type=int, default=4,
-                        help="pytest-xdist processes for the tests part when pytest-xdist is installed (default 4)")
+    parser.add_argument("--test-workers", type=int, default=8,
+                        help="pytest-xdist processes for the tests part when pytest-xdist is installed (default 8)")
     parser.add_argument("--part", choices=["env", *PARTS], help=argparse.SUPPRESS)
     parser.add_argument("--deadline", type=float, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -71,8 +71,8 @@ def test_dry_run_model_rows_and_report(dry_run):
 
 
 def test_a_part_over_its_limit_is_killed_and_fails(tmp_path, monkeypatch):
-    """A part that ignores its soft deadline (here: one far beyond the limit) is killed with its process group."""
-    monkeypatch.setattr(gpu_check, "SOFT_MARGIN", -100)
+    """A part still running at its limit (here its soft deadline lies beyond it) is killed with its process group."""
+    monkeypatch.setattr(gpu_check, "SOFT_MARGIN_S", -100.0)
     args = argparse.Namespace(output=tmp_path, dry_run=True, test_workers=1)
     (tmp_path / gpu_check.RECORDS).write_text("")
     start = time.monotonic()
