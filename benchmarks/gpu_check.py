@@ -367,7 +367,7 @@ def package_versions() -> dict[str, str | None]:
 
 def part_build(part: Part) -> int:
     if part.dry_run:
-        return part.finish("skipped", "dry run: no CUDA device (CI builds it with .ci/build_cuda_extension.sh)")
+        return part.finish("skipped", "dry run: no CUDA device; CI builds it with .ci/build_cuda_extension.sh")
     import torch
 
     sys.path.insert(0, str(ROOT / "dcnv3_cuda"))
@@ -476,6 +476,7 @@ def part_model(part: Part) -> int:
     import bench_dcnv3
     import bench_train
     import torch
+    from bench_tables import inference_table, train_step_table
 
     # In a dry run the model runs on the PyTorch backend only: the Triton interpreter takes seconds per layer.
     backends = ["pytorch"] if part.dry_run else usable_backends(part)
@@ -525,7 +526,8 @@ def part_model(part: Part) -> int:
         for row in measure():
             part.add(row)
             rows.append(row)
-            print(row, flush=True)
+            table = inference_table if row["kind"] == "inference" else train_step_table
+            print(table([row]).splitlines()[-1], flush=True)
         last_s = time.time() - start
         if part.device.type == "cuda":
             torch.cuda.empty_cache()
