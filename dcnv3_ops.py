@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import sys
 from collections.abc import Iterator
 from typing import NamedTuple
 
@@ -285,11 +286,16 @@ def dcnv3_core_pytorch(
 
 
 def _cuda_extension_module():
-    """The optional compiled extension (`pip install ./dcnv3_cuda`), or `None` if it is not installed."""
-    try:
-        module = importlib.import_module("dcnv3_cuda")
-    except ImportError:
-        return None
+    """The optional compiled extension (`pip install ./dcnv3_cuda`), or `None` if it is not installed.
+
+    Once imported it is read from `sys.modules`, which `torch.compile` traces (it cannot trace `importlib`).
+    """
+    module = sys.modules.get("dcnv3_cuda")
+    if module is None:
+        try:
+            module = importlib.import_module("dcnv3_cuda")
+        except ImportError:
+            return None
     # The repository's source folder `dcnv3_cuda/` imports as an empty namespace package when it is on sys.path.
     return module if hasattr(module, "dcnv3_cuda") else None
 

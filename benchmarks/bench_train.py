@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -20,32 +21,13 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_dcnv3 import available_backends, peak_memory_mib, use_backend  # noqa: E402
+from bench_tables import error_text  # noqa: E402
 
 from configuration_internimage import InternImageConfig  # noqa: E402
-from dcnv3_ops import resolve_dcn_backend  # noqa: E402
 from modeling_internimage import InternImageForImageClassification  # noqa: E402
-
-
-def available_backends(device: torch.device) -> list[str]:
-    """Backends that run on `device` (asked for explicitly, so a missing one is simply left out)."""
-    if device.type != "cuda":
-        return ["pytorch"]
-    backends = []
-    for backend in ("pytorch", "triton", "cuda"):
-        try:
-            resolve_dcn_backend(backend, device)
-        except (RuntimeError, ImportError) as error:
-            print(f"  {backend}: not available ({str(error).splitlines()[0]})")
-            continue
-        backends.append(backend)
-    return backends
-
-
-def use_backend(model: torch.nn.Module, backend: str) -> None:
-    """Point every DCNv3 layer of `model` at `backend`."""
-    for module in model.modules():
-        if hasattr(module, "backend"):
-            module.backend = backend
 
 
 def make_step(model: torch.nn.Module, batch_size: int, image_size: int, device: torch.device, dtype: torch.dtype):
@@ -54,13 +36,14 @@ def make_step(model: torch.nn.Module, batch_size: int, image_size: int, device: 
     pixel_values = torch.randn(batch_size, 3, image_size, image_size, device=device)
     labels = torch.randint(0, model.config.num_labels, (batch_size,), device=device)
 
-    def step() -> None:
+    def step() -> torch.Tensor:
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
             logits = model(pixel_values=pixel_values).logits
         loss = torch.nn.functional.cross_entropy(logits.float(), labels)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        return loss.detach()
 
     return step
 
@@ -74,6 +57,28 @@ def measure(step, device: torch.device, iterations: int) -> float:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     return (time.perf_counter() - start) / iterations
+
+
+def bench_train_step(
+    model: torch.nn.Module, name: str, backend: str, batch_size: int, device: torch.device, dtype: torch.dtype,
+    warmup: int = 2, iterations: int = 5,
+) -> dict:
+    """One training step of `model` on `backend`: images/s, s/step, the peak memory of a step (weights, gradients,
+    AdamW state and activations) and the loss after the timed steps, which must be finite."""
+    use_backend(model.train(), backend)
+    row = {"kind": "train_step", "model": name, "backend": backend, "dtype": str(dtype).removeprefix("torch."),
+           "batch": batch_size}
+    try:
+        step = make_step(model, batch_size, model.config.image_size, device, dtype)
+        for _ in range(warmup):
+            step()
+        seconds = measure(step, device, iterations)
+        row.update(seconds_per_step=seconds, images_per_s=batch_size / seconds,
+                   peak_mib=peak_memory_mib(step, device, absolute=True), loss=step().item())
+        row["ok"] = math.isfinite(row["loss"])
+    except Exception as error:  # one backend's failure is a result, not the end of the benchmark
+        row.update(error=error_text(error), ok=False)
+    return row
 
 
 def benchmark(

@@ -1,4 +1,5 @@
-"""Shared test helpers: the repository on `sys.path`, the fixtures folder and offline subprocesses."""
+"""Shared test helpers: the repository on `sys.path`, the fixtures folder and offline subprocesses; tests marked
+`@pytest.mark.gpu` (`pytest -m gpu` selects exactly them) skip without a CUDA device."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -33,3 +35,12 @@ def run_python(args: list[str], hf_home: Path, cwd: Path = ROOT, timeout: float 
 def session_hf_home(tmp_path_factory) -> Path:
     """One private `HF_HOME` shared by the subprocesses of a test session."""
     return tmp_path_factory.mktemp("hf_home")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    needs_cuda = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("gpu") is not None:
+            item.add_marker(needs_cuda)

@@ -5,7 +5,7 @@ extension is missing or gets CPU tensors, and the kernels themselves compiled fo
 per CUDA thread) against the official fixtures and the PyTorch backend. With the extension importable: its own
 CPU-tensor error, fake-tensor shapes and a torch.compile trace on meta tensors. GPU (skipped without CUDA and the
 extension): parity with the official fixtures and the PyTorch backend in every dtype, gradcheck, batch 300,
-whole-model parity across backends, torch.compile, 64-bit indexing.
+torch.compile of the op, 64-bit indexing. Whole-model parity across backends: tests/test_gpu_model.py.
 Building the extension is checked by `.ci/build_cuda_extension.sh`, which then runs this file with it importable.
 """
 
@@ -62,9 +62,6 @@ except (ImportError, AttributeError):
     sys.modules.pop("dcnv3_cuda", None)
 
 needs_extension = pytest.mark.skipif(extension is None, reason=f"dcnv3_cuda is not built ({INSTALL_COMMAND})")
-needs_gpu = pytest.mark.skipif(
-    extension is None or not torch.cuda.is_available(), reason="needs a CUDA device and the dcnv3_cuda extension"
-)
 
 
 # ---------------------------------------------------------------------------------------------- build environment
@@ -222,6 +219,22 @@ def test_cuda_backend_with_the_extension_rejects_cpu_tensors(monkeypatch):
     with pytest.raises(RuntimeError, match="runs on CUDA tensors, got cpu tensors"):
         dcnv3_core(*tensors, *hyper.values(), backend="cuda")
     assert resolve_dcn_backend("auto", torch.device("cpu")) == "pytorch"
+
+
+def test_cuda_backend_choice_traces_into_a_compiled_graph(monkeypatch):
+    """torch.compile(model, fullgraph=True) on the extension: choosing the backend inside the traced forward must
+    not call `importlib` (dynamo cannot trace it, and fullgraph turns the graph break into an error)."""
+    monkeypatch.delenv(dcnv3_ops.BACKEND_ENV_VAR, raising=False)
+    built = types.ModuleType("dcnv3_cuda")
+    built.dcnv3_cuda = lambda *args: pytest.fail("only the choice is traced here")
+    monkeypatch.setitem(sys.modules, "dcnv3_cuda", built)
+    assert resolve_dcn_backend("cuda", torch.device("cuda")) == "cuda"  # the eager call of a model's first forward
+
+    def choose(x: torch.Tensor) -> torch.Tensor:
+        return x + (resolve_dcn_backend("cuda", torch.device("cuda")) == "cuda")
+
+    torch._dynamo.reset()
+    assert torch.compile(choose, fullgraph=True, backend="eager")(torch.zeros(1)).item() == 1
 
 
 def test_source_folder_does_not_count_as_an_installed_extension(monkeypatch):
@@ -388,7 +401,7 @@ def _run_with_grads(function, input, offset, mask, grad_weight, hyper) -> list[t
 
 
 @pytest.mark.gpu
-@needs_gpu
+@needs_extension
 @pytest.mark.parametrize("path", _fixture_cases(), ids=lambda path: path.stem)
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
 def test_fixture_parity(path, dtype):
@@ -403,7 +416,7 @@ def test_fixture_parity(path, dtype):
 
 
 @pytest.mark.gpu
-@needs_gpu
+@needs_extension
 @pytest.mark.parametrize(("dtype", "tolerance"), [(torch.float16, 1e-2), (torch.bfloat16, 6e-2)])
 @pytest.mark.parametrize("path", _fixture_cases()[:6], ids=lambda path: path.stem)
 def test_half_precision_parity_with_pytorch_on_the_same_inputs(path, dtype, tolerance):
@@ -418,7 +431,7 @@ def test_half_precision_parity_with_pytorch_on_the_same_inputs(path, dtype, tole
 
 
 @pytest.mark.gpu
-@needs_gpu
+@needs_extension
 @pytest.mark.parametrize("remove_center", [0, 1])
 def test_gradcheck_float64(remove_center):
     generator = torch.Generator().manual_seed(1)
@@ -437,7 +450,7 @@ def test_gradcheck_float64(remove_center):
 
 
 @pytest.mark.gpu
-@needs_gpu
+@needs_extension
 @pytest.mark.parametrize("group_channels", [1, 16, 48, 64])
 def test_batch_300_and_group_channels_match_pytorch(group_channels):
     generator = torch.Generator().manual_seed(2)
@@ -455,7 +468,7 @@ def test_batch_300_and_group_channels_match_pytorch(group_channels):
 
 
 @pytest.mark.gpu
-@needs_gpu
+@needs_extension
 def test_backward_refuses_deterministic_mode():
     tensors, hyper = _op_case(device="cuda")
     input = tensors[0].requires_grad_(True)
@@ -469,7 +482,7 @@ def test_backward_refuses_deterministic_mode():
 
 
 @pytest.mark.gpu
-@needs_gpu
+@needs_extension
 def test_opcheck_schema_fake_and_autograd_registrations():
     tensors, hyper = _op_case(device="cuda")
     tensors = tuple(t.requires_grad_(True) for t in tensors)
@@ -477,7 +490,7 @@ def test_opcheck_schema_fake_and_autograd_registrations():
 
 
 @pytest.mark.gpu
-@needs_gpu
+@needs_extension
 def test_torch_compile_has_no_graph_break():
     tensors, hyper = _op_case(device="cuda")
 
@@ -496,37 +509,7 @@ def test_torch_compile_has_no_graph_break():
 
 
 @pytest.mark.gpu
-@needs_gpu
-def test_whole_model_parity_across_backends(monkeypatch):
-    """InternImageForImageClassification gives the same logits and parameter gradients on every backend."""
-    from configuration_internimage import InternImageConfig
-    from modeling_internimage import InternImageDCNv3, InternImageForImageClassification
-
-    config = InternImageConfig(channels=16, depths=[1, 1, 2, 1], groups=[2, 4, 8, 16], num_labels=10)
-    torch.manual_seed(0)
-    model = InternImageForImageClassification(config).cuda().eval()
-    with torch.no_grad():  # non-zero offsets, so the sampling is really deformable
-        for module in model.modules():
-            if isinstance(module, InternImageDCNv3):
-                module.offset.weight.normal_(0, 0.5)
-                module.offset.bias.normal_(0, 1.0)
-    pixel_values = torch.randn(2, 3, 64, 96, device="cuda")
-    backends = ["cuda", "pytorch"] + (["triton"] if dcnv3_ops.triton_is_available() else [])
-    logits, gradients = {}, {}
-    for backend in backends:
-        monkeypatch.setenv(dcnv3_ops.BACKEND_ENV_VAR, backend)
-        model.zero_grad()
-        logits[backend] = model(pixel_values).logits
-        logits[backend].square().sum().backward()
-        gradients[backend] = {name: param.grad.clone() for name, param in model.named_parameters()}
-    for backend in backends[1:]:
-        torch.testing.assert_close(logits[backend], logits["cuda"], atol=1e-4, rtol=1e-4, msg=backend)
-        for name, gradient in gradients["cuda"].items():
-            torch.testing.assert_close(gradients[backend][name], gradient, atol=1e-3, rtol=1e-3, msg=name)
-
-
-@pytest.mark.gpu
-@needs_gpu
+@needs_extension
 def test_flat_indices_beyond_int32():
     """An input of more than 2**31 elements: the last image rows are read and written at 64-bit offsets."""
     height, width, channels, rows = 2048, 1024, 1040, 4

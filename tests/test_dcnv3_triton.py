@@ -3,8 +3,8 @@
 CPU: the kernels run in the Triton interpreter, which must be switched on before triton compiles anything, so
 `test_kernels_under_the_interpreter` re-runs this file in a subprocess with `TRITON_INTERPRET=1`; there the
 `interpreter` tests compare forward and all three gradients with the official fixtures and the PyTorch backend.
-GPU (skipped without CUDA): parity on real stage shapes in every dtype, large batches, > 2**31 elements,
-torch.compile and whole-model parity.
+GPU (`@pytest.mark.gpu`, skipped without CUDA): parity on real stage shapes in every dtype, large batches,
+> 2**31 elements, opcheck. Whole-model parity, batch > 256 and torch.compile across backends: tests/test_gpu_model.py.
 """
 
 from __future__ import annotations
@@ -36,9 +36,8 @@ interpreter = pytest.mark.skipif(
     not (INTERPRETING and dcnv3_triton.is_available()),
     reason="runs inside test_kernels_under_the_interpreter (TRITON_INTERPRET=1 subprocess)",
 )
-gpu = pytest.mark.skipif(
-    not (torch.cuda.is_available() and dcnv3_triton.is_available() and not INTERPRETING),
-    reason="needs CUDA and triton",
+compiled_triton = pytest.mark.skipif(
+    not dcnv3_triton.is_available() or INTERPRETING, reason="needs triton, compiled (not under TRITON_INTERPRET=1)"
 )
 # Relative tolerance (to the reference's largest magnitude) per dtype, for outputs and gradients.
 RELATIVE_TOLERANCE = {torch.float32: 2e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
@@ -207,7 +206,8 @@ GPU_STAGES = [
 ]
 
 
-@gpu
+@pytest.mark.gpu
+@compiled_triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("variant, stage, shape", GPU_STAGES, ids=[f"{v.split('_')[1]}-s{s}" for v, s, _ in GPU_STAGES])
 def test_gpu_stage_shapes_match_pytorch(variant, stage, shape, dtype):
@@ -217,7 +217,8 @@ def test_gpu_stage_shapes_match_pytorch(variant, stage, shape, dtype):
     assert_matches_reference(tensors, arguments, dtype)
 
 
-@gpu
+@pytest.mark.gpu
+@compiled_triton
 @pytest.mark.parametrize(
     "options", [{"remove_center": 1}, {"kernel": 5, "pad": 2, "stride": 2, "dilation": 2, "remove_center": True}]
 )
@@ -226,7 +227,8 @@ def test_gpu_options_and_batch_above_256(options):
     assert_matches_reference(tensors, arguments, torch.float32)
 
 
-@gpu
+@pytest.mark.gpu
+@compiled_triton
 def test_gpu_fixtures():
     for path in sorted(FIXTURES.glob("case_*.pt")):
         fixture = torch.load(path, weights_only=True)
@@ -241,7 +243,8 @@ def test_gpu_fixtures():
             assert error < 5e-5, f"{path.name} grad_{name}"
 
 
-@gpu
+@pytest.mark.gpu
+@compiled_triton
 def test_gpu_more_than_2_31_elements():
     """Input of 2**31 + extra elements (fp16): the last images must equal the fallback on those images alone."""
     batch, size, group, group_channels = 132, 128, 8, 128  # 132 * 128 * 128 * 1024 > 2**31
@@ -260,39 +263,8 @@ def test_gpu_more_than_2_31_elements():
     assert_close_relative(output[tail], expected, RELATIVE_TOLERANCE[torch.float16], "tail of a > 2**31 tensor")
 
 
-def small_classifier(backend: str):
-    from modeling_internimage import InternImageForImageClassification
-
-    config = InternImageConfig(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8], num_labels=10,
-                               dcn_backend=backend)
-    torch.manual_seed(0)
-    return InternImageForImageClassification(config).cuda().eval()
-
-
-@gpu
-def test_gpu_whole_model_matches_pytorch_backend():
-    pixel_values = torch.randn(2, 3, 96, 96, device="cuda")
-    triton_model = small_classifier("triton")
-    pytorch_model = small_classifier("pytorch")
-    pytorch_model.load_state_dict(triton_model.state_dict())
-    with torch.no_grad():
-        torch.testing.assert_close(triton_model(pixel_values).logits, pytorch_model(pixel_values).logits,
-                                   rtol=1e-4, atol=1e-4)
-
-
-@gpu
-def test_gpu_torch_compile_full_model_without_graph_breaks():
-    model = small_classifier("triton")
-    pixel_values = torch.randn(2, 3, 96, 96, device="cuda")
-    with torch.no_grad():
-        eager = model(pixel_values).logits
-        explanation = torch._dynamo.explain(model)(pixel_values)
-        compiled = torch.compile(model, fullgraph=True)(pixel_values).logits
-    assert explanation.graph_break_count == 0, explanation.break_reasons
-    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-5)
-
-
-@gpu
+@pytest.mark.gpu
+@compiled_triton
 def test_gpu_opcheck():
     tensors, arguments = random_case(2, 6, 7, 2, 12, device="cuda")
     tensors = [t.float().requires_grad_() for t in tensors]

@@ -9,6 +9,7 @@ depth, input validation, the official initialisation, float64, remote-code loadi
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
 import logging
 import math
@@ -251,6 +252,18 @@ class InternImageBackboneTest(COMMON.BackboneTesterMixin, unittest.TestCase):
         self.assertEqual((config.out_features, config.out_indices), (["stage4"], [4]))
         with self.assertRaises(ValueError):
             InternImageConfig(out_features=["stage1", "stage2"], out_indices=[0, 2])
+
+
+def test_common_tests_skip_with_the_reason_without_parameterized(monkeypatch):
+    """Machines without `parameterized` (which transformers' common tests import) skip them and say why."""
+    monkeypatch.delenv("CI", raising=False)  # under CI the same reason is a failure
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: None if name == "parameterized"
+                        else find_spec(name, *args))
+    common = load_transformers_common_tests()
+    assert "`parameterized`, which is not installed" in common.skip_reason
+    with pytest.raises(unittest.SkipTest, match="parameterized"):
+        common.ModelTesterMixin.setUpClass()
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -604,11 +617,14 @@ def test_environment_variable_overrides_the_config_backend(backend_env):
         )
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the errors of a machine without CUDA")
-@pytest.mark.parametrize(
-    ("backend", "how_to"), [("cuda", "pip install ./dcnv3_cuda"), ("triton", "pip install triton|TRITON_INTERPRET=1")]
-)
-def test_unavailable_backend_is_a_runtime_error_with_how_to(backend_env, backend, how_to):
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_unavailable_backend_is_a_runtime_error_with_how_to(backend_env, backend):
+    """A model on CPU asking for a GPU backend, with or without a GPU present: what to install, or what to use."""
+    if backend == "cuda":
+        installed = dcnv3_ops._cuda_extension_module() is not None
+        how_to = "runs on CUDA tensors, got cpu tensors" if installed else "pip install ./dcnv3_cuda"
+    else:
+        how_to = "TRITON_INTERPRET=1" if dcnv3_ops.triton_is_available() else "pip install triton"
     model = seeded(InternImageModel, tiny_config(dcn_backend=backend))
     with pytest.raises(RuntimeError, match=f"'{backend}'.*({how_to})"):
         model(pixels())

@@ -20,6 +20,7 @@ def offline_env(tmp_path: Path) -> dict[str, str]:
     env.update(
         HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"),
         OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1",
+        CUDA_VISIBLE_DEVICES="",  # the CPU recipe everywhere: bit-exact resumes, GPU atomics are not reproducible
     )
     return env
 
