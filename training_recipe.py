@@ -1,17 +1,21 @@
-"""The official InternImage training recipe on top of the 🤗 `Trainer`.
+"""The official InternImage training recipe: its values and its mechanics on top of the 🤗 `Trainer`.
 
-Parameter groups (weight-decay exemptions, layer-wise LR decay, the DCN offset LR multiplier), the per-step
-warmup + cosine schedule with timm semantics, the mixup / label-smoothing losses, and an EMA of the weights that is
-evaluated, saved, and restored on resume. Used by `train_classification.py`.
+Values: each recipe's defaults (`RECIPES`, `RecipeArguments`), which recipe applies (`choose_recipe`), explicit
+arguments over defaults (`resolve_arguments`), the linear LR scaling. Mechanics: parameter groups (weight-decay
+exemptions, layer-wise LR decay, the DCN offset LR multiplier), the per-step timm warmup + cosine schedule, the mixup /
+label-smoothing losses, an EMA of the weights (evaluated, saved, restored on resume). Used by `train_classification.py`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.util
 import math
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -20,10 +24,166 @@ from timm.data import Mixup
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, TrainingArguments
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
+
+
+# ------------------------------------------------------------------------------------------- the recipe's values
+
+# Defaults of each recipe; an argument given explicitly wins (`resolve_arguments`). `in1k` and `22kto1k` are the
+# official ImageNet recipes, from the official `classification/config.py`: epochs / warmup L91-92, weight decay L93,
+# learning rates L94-96, gradient clipping L98, AdamW L118-122, batch 128 L22, 8 workers L37-39, label smoothing L65,
+# augmentation L30 and L149-157, mixup / cutmix L159-169; the released configs add EMA 0.9999 (e.g.
+# `classification/configs/internimage_t_1k_224.yaml` L13-16), and the 22kto1k ones (e.g.
+# `internimage_l_22kto1k_384.yaml`) 20 / 2 epochs (L26-27), learning rates 2e-5 / 0 / 0, label smoothing 0.3 (L11),
+# no mixup, no random erasing, layer decay 0.9 with the DCN offset LR x 0.1, and gradient checkpointing, with 16
+# images per GPU (`classification/README.md` L277-366). Learning rates are for a total batch of 512 and scaled
+# linearly to the actual total batch (`classification/main.py` L636-651). `digits` is this repository's quick CPU run.
+_OFFICIAL = {
+    "weight_decay": 0.05, "adam_beta1": 0.9, "adam_beta2": 0.999, "adam_epsilon": 1e-8, "max_grad_norm": 5.0,
+    "auto_augment": "rand-m9-mstd0.5-inc1", "color_jitter": 0.4, "hflip": 0.5, "crop_scale_min": 0.08,
+    "model_ema_decay": 0.9999, "eval_strategy": "epoch", "save_strategy": "epoch", "save_total_limit": 2,
+    "logging_steps": 50, "dataloader_num_workers": 8, "per_device_eval_batch_size": 128,
+    "report_to": "tensorboard" if importlib.util.find_spec("tensorboard") else "none",
+}
+RECIPES = {
+    "in1k": {
+        **_OFFICIAL, "architecture": "internimage_t_1k_224", "num_train_epochs": 300, "warmup_epochs": 20,
+        "learning_rate": 5e-4, "warmup_lr": 5e-7, "min_lr": 5e-6, "per_device_train_batch_size": 128,
+        "label_smoothing_factor": 0.1, "mixup": 0.8, "cutmix": 1.0, "reprob": 0.25,
+        "output_dir": "outputs/internimage-in1k",
+    },
+    "22kto1k": {
+        **_OFFICIAL, "num_train_epochs": 20, "warmup_epochs": 2, "learning_rate": 2e-5, "warmup_lr": 0.0,
+        "min_lr": 0.0, "per_device_train_batch_size": 16, "label_smoothing_factor": 0.3, "mixup": 0.0,
+        "cutmix": 0.0, "reprob": 0.0, "layer_decay": 0.9, "dcn_lr_multiplier": 0.1, "gradient_checkpointing": True,
+        "output_dir": "outputs/internimage-finetuned",
+    },
+    "digits": {
+        **_OFFICIAL, "architecture": "internimage_digits", "num_train_epochs": 20, "warmup_epochs": 2,
+        "learning_rate": 1.6e-2, "warmup_lr": 1e-5, "min_lr": 1e-5, "per_device_train_batch_size": 128,
+        "label_smoothing_factor": 0.1, "mixup": 0.0, "cutmix": 0.0, "reprob": 0.0, "auto_augment": "none",
+        "color_jitter": 0.0, "hflip": 0.0, "crop_scale_min": 0.6, "model_ema_decay": 0.998, "model_ema_warmup": True,
+        "eval_strategy": "no", "save_strategy": "epoch", "save_total_limit": 1, "logging_steps": 20,
+        "dataloader_num_workers": 0, "per_device_eval_batch_size": 256, "cpu_threads": 1,
+        "output_dir": "outputs/internimage-digits",
+    },
+}
+
+
+@dataclass
+class RecipeArguments:
+    """The official recipe; `None` fields take the value of `--recipe`."""
+
+    recipe: str = field(default="auto", metadata={"help": f"Defaults to start from: auto, {', '.join(RECIPES)}."})
+    lr_reference_batch_size: int = field(
+        default=512,
+        metadata={"help": "learning_rate, warmup_lr, min_lr are for this total batch; they scale linearly (0: off)."},
+    )
+    warmup_epochs: float = field(default=0.0, metadata={"help": "Linear warmup length in epochs (per-step)."})
+    warmup_lr: float = field(default=0.0, metadata={"help": "LR at the start of the warmup (not a share of the peak)."})
+    min_lr: float = field(default=0.0, metadata={"help": "Floor of the cosine schedule (not a share of the peak)."})
+    layer_decay: float | None = field(default=None, metadata={"help": "Layer-wise LR decay ratio (1.0: off)."})
+    dcn_lr_multiplier: float = field(default=1.0, metadata={"help": "LR multiplier of DCNv3 offset/scale params."})
+    auto_augment: str = field(default="none", metadata={"help": "timm auto-augment policy ('none': off)."})
+    color_jitter: float = field(default=0.0, metadata={"help": "Colour jitter strength (used without auto-augment)."})
+    hflip: float = field(default=0.5, metadata={"help": "Horizontal flip probability."})
+    crop_scale_min: float = field(default=0.08, metadata={"help": "Smallest area share of RandomResizedCrop."})
+    reprob: float = field(default=0.0, metadata={"help": "Random erasing probability (pixel mode)."})
+    mixup: float = field(default=0.0, metadata={"help": "Mixup alpha (0: off)."})
+    cutmix: float = field(default=0.0, metadata={"help": "CutMix alpha (0: off)."})
+    mixup_prob: float = field(default=1.0, metadata={"help": "Probability of mixing a batch."})
+    mixup_switch_prob: float = field(default=0.5, metadata={"help": "Probability of CutMix when both are on."})
+    model_ema_decay: float = field(default=0.0, metadata={"help": "EMA decay of the weights (0: no EMA)."})
+    model_ema_warmup: bool = field(default=False, metadata={"help": "Ramp the EMA decay up over the first steps."})
+    cpu_threads: int = field(
+        default=0,
+        metadata={
+            "help": "torch intra-op threads on CPU (0: torch's default). The digits recipe uses 1: its small matrices "
+            "gain little from threads, and threads stall badly when other processes share the cores."
+        },
+    )
+    freeze_batchnorm: bool = field(
+        default=False,
+        metadata={
+            "help": "Normalise with the running statistics of the BatchNorm layers (the conv pooler's) and keep them "
+            "fixed while training, so results do not depend on how a batch is split across processes."
+        },
+    )
+    ignore_checkpoints: bool = field(
+        default=False, metadata={"help": "Start afresh even if output_dir holds checkpoint-* folders."}
+    )
+
+
+class UsageError(ValueError):
+    """Arguments or data the script cannot use; the command line reports it as one `error:` line, before training."""
+
+
+# An explicit `--save_steps` (or eval/logging) implies its strategy "steps", unless that strategy is given too.
+STEP_STRATEGIES = {"save_steps": "save_strategy", "eval_steps": "eval_strategy", "logging_steps": "logging_strategy"}
+
+
+def choose_recipe(recipe: str, dataset_name: str | None, data_path: str | None, model_name_or_path: str | None) -> str:
+    """Resolve `--recipe auto`: digits without data, `22kto1k` when fine-tuning a checkpoint, `in1k` otherwise."""
+    if recipe != "auto":
+        if recipe not in RECIPES:
+            raise UsageError(f"--recipe {recipe!r} is unknown; choose auto or one of {sorted(RECIPES)}")
+        return recipe
+    if dataset_name is None and data_path is None:
+        return "digits"
+    return "22kto1k" if model_name_or_path else "in1k"
+
+
+def resolve_arguments(recipe: str, explicit: dict[str, Any]) -> tuple[dict[str, Any], dict[str, str]]:
+    """The values to use and where each comes from: explicit arguments, what they imply, then the recipe's defaults.
+
+    An explicit `--save_steps` / `--eval_steps` / `--logging_steps` sets its strategy to "steps" unless the
+    strategy is explicit too. This is the only place where explicit arguments and recipe defaults meet.
+    """
+    implied = {strategy: "steps" for steps, strategy in STEP_STRATEGIES.items() if steps in explicit}
+    values = {**RECIPES[recipe], **implied, **explicit}
+    sources = {
+        **dict.fromkeys(RECIPES[recipe], f"the {recipe} recipe's default"),
+        **{strategy: f"implied by --{steps}" for steps, strategy in STEP_STRATEGIES.items() if strategy in implied},
+        **dict.fromkeys(explicit, "given"),
+    }
+    return values, sources
+
+
+def scale_learning_rates(
+    training_args: TrainingArguments, recipe_args: RecipeArguments, train_size: int | None
+) -> tuple[float, int | None]:
+    """Apply the official linear scaling to `learning_rate` (in place); returns the factor and the warmup steps.
+
+    Every LR of the recipe is for a total batch of `lr_reference_batch_size`. The warmup is `--warmup_epochs` in
+    steps, or `None` when `--warmup_steps` is given (the Trainer's meaning: steps, or a share of all steps below 1);
+    `train_size=None` (streaming) needs `--warmup_steps`.
+    """
+    total_batch = (
+        training_args.per_device_train_batch_size * training_args.world_size * training_args.gradient_accumulation_steps
+    )
+    lr_scale = total_batch / recipe_args.lr_reference_batch_size if recipe_args.lr_reference_batch_size else 1.0
+    training_args.learning_rate *= lr_scale
+    if training_args.warmup_steps > 0:
+        warmup_steps, warmup = None, f"--warmup_steps {training_args.warmup_steps:g}"
+    elif train_size is None:
+        warmup_steps, warmup = 0, "none"
+        logger.warning("Streaming data has no epoch length: --warmup_epochs is ignored, use --warmup_steps")
+    else:
+        per_process = math.ceil(train_size / training_args.world_size)
+        batches_per_epoch = per_process // training_args.per_device_train_batch_size
+        warmup_steps = round(recipe_args.warmup_epochs * batches_per_epoch / training_args.gradient_accumulation_steps)
+        warmup = f"{warmup_steps} steps"
+    logger.info(
+        f"Total batch {total_batch}: peak LR {training_args.learning_rate:.3g} (x{lr_scale:.4g}), warmup "
+        f"{warmup} from {recipe_args.warmup_lr * lr_scale:.3g}, floor {recipe_args.min_lr * lr_scale:.3g}"
+    )
+    return lr_scale, warmup_steps
+
+
+# ------------------------------------------------------------------------------------ the recipe's mechanics
 
 EMA_WEIGHTS_NAME = "ema_model.safetensors"
 # Parameters whose name contains one of these get `dcn_lr_multiplier` (official: offsets and the
@@ -280,11 +440,7 @@ class InternImageTrainer(Trainer):
 
 
 __all__ = [
-    "EMACallback",
-    "InternImageTrainer",
-    "build_cosine_schedule",
-    "build_parameter_groups",
-    "layer_decay_prefixes",
-    "parameter_lr_scale",
-    "timm_cosine_factor",
+    "RECIPES", "STEP_STRATEGIES", "EMACallback", "InternImageTrainer", "RecipeArguments", "UsageError",
+    "build_cosine_schedule", "build_parameter_groups", "choose_recipe", "layer_decay_prefixes", "parameter_lr_scale",
+    "resolve_arguments", "scale_learning_rates", "timm_cosine_factor",
 ]

@@ -2,8 +2,8 @@
 
 An explicit argument (command line or JSON/YAML file) wins over every recipe default; `--save_steps`,
 `--eval_steps` and `--logging_steps` imply the "steps" strategy; an argument that would have no effect or a
-contradictory combination is one `error:` line that says what to change; the linear LR scaling stays and `--help`
-states the rules.
+contradictory combination is one `error:` line that says what to change; `--help` states the rules. The linear LR
+scaling and the recipe table in README: tests/test_training_recipe.py.
 """
 
 from __future__ import annotations
@@ -12,26 +12,15 @@ import json
 import re
 
 import pytest
-import torch
 import yaml
 
 pytest.importorskip("datasets")
 pytest.importorskip("evaluate")
 
-import train_classification  # noqa: E402
-from configuration_internimage import InternImageConfig  # noqa: E402
-from modeling_internimage import InternImageForImageClassification  # noqa: E402
-from train_classification import RECIPES, STEP_STRATEGIES, UsageError, cli, parse_arguments  # noqa: E402
-from training_recipe import InternImageTrainer  # noqa: E402
+from training_helpers import parsed_values  # noqa: E402
 
-
-def parsed_values(argv: list[str]) -> dict:
-    """Every parsed argument by name, enums as their string values."""
-    values = {}
-    for arguments in parse_arguments(argv):
-        for name, value in vars(arguments).items():
-            values[name] = getattr(value, "value", value)
-    return values
+from train_classification import UsageError, cli, parse_arguments  # noqa: E402
+from training_recipe import RECIPES, STEP_STRATEGIES  # noqa: E402
 
 
 def as_argv(values: dict) -> list[str]:
@@ -120,39 +109,6 @@ def test_argument_file_values_are_typed_like_the_command_line(tmp_path):
     path.write_text(json.dumps(arguments))
     values = parsed_values([str(path)])
     assert (values["num_train_epochs"], values["min_lr"], values["bf16"], values["layer_decay"]) == (3, 0.5, True, None)
-
-
-def test_linear_lr_scaling_applies_to_explicit_learning_rates():
-    """The documented transformation stays: learning_rate, warmup_lr and min_lr are for a total batch of 512."""
-    _, _, recipe_args, training_args = parse_arguments(
-        ["--learning_rate", "1e-3", "--warmup_lr", "1e-5", "--per_device_train_batch_size", "64",
-         "--gradient_accumulation_steps", "2", "--use_cpu", "true"]
-    )
-    lr_scale, warmup_steps = train_classification.scale_learning_rates(training_args, recipe_args, train_size=1000)
-    assert lr_scale == 128 / 512
-    assert training_args.learning_rate == pytest.approx(1e-3 * 128 / 512, rel=1e-12)
-    assert warmup_steps == round(2 * (1000 // 64) / 2)  # the digits recipe's 2 warmup epochs in optimizer steps
-
-
-def test_warmup_steps_below_one_is_a_share_of_all_steps(tmp_path):
-    """`--warmup_steps 0.1` means 10 % of the steps, as in the Trainer (it used to become 0 steps)."""
-    _, _, recipe_args, training_args = parse_arguments(
-        ["--warmup_steps", "0.1", "--output_dir", str(tmp_path), "--use_cpu", "true", "--report_to", "none"]
-    )
-    lr_scale, warmup_steps = train_classification.scale_learning_rates(training_args, recipe_args, train_size=1000)
-    assert warmup_steps is None
-    model = InternImageForImageClassification(InternImageConfig(channels=8, depths=[1, 1, 1, 1], groups=[2, 4, 8, 16]))
-    trainer = InternImageTrainer(model=model, args=training_args, warmup_steps=warmup_steps, warmup_lr=0.0, min_lr=0.0)
-    trainer.create_optimizer()
-    scheduler = trainer.create_scheduler(num_training_steps=100)
-    peak = training_args.learning_rate
-    rates = []
-    for _ in range(11):
-        rates.append(scheduler.get_last_lr()[0])
-        trainer.optimizer.step()
-        scheduler.step()
-    assert rates[0] == 0.0 and rates[5] == pytest.approx(peak / 2, rel=1e-9)
-    assert rates[10] == pytest.approx(peak * 0.5 * (1 + torch.cos(torch.tensor(torch.pi * 0.1)).item()), rel=1e-6)
 
 
 # --------------------------------------------------------------------------------- errors that say what to do

@@ -3,9 +3,9 @@
 End to end (subprocesses, offline, temporary HF_HOME): the embedded digits default (>= 90 % top-1, reload through
 `AutoModelForImageClassification` reproducing the evaluated top-1 and top-5, EMA weights saved and evaluated), a run
 killed while writing checkpoints and resumed by re-running the identical command (bf16 autocast, mixup, EMA), and 2
-processes under torchrun ending with the weights of 1. In process: the layer-decay rule on T and H, weight-decay
-exemptions, the schedule against timm's CosineLRScheduler, the mixup soft-target loss, frozen BatchNorm statistics,
-the top-k metric. Arguments: tests/test_train_arguments.py; data folders and list files: tests/test_train_data.py.
+processes under torchrun ending with the weights of 1. In process: the top-k metric. The recipe's parts one by one:
+tests/test_training_recipe.py; arguments: tests/test_train_arguments.py; data folders and list files:
+tests/test_train_data.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -28,13 +27,6 @@ pytest.importorskip("evaluate")
 from training_helpers import ROOT, SCRIPT, TORCHRUN_2, offline_env, read_json, run_command, run_script  # noqa: E402
 
 import train_classification  # noqa: E402
-from configuration_internimage import InternImageConfig  # noqa: E402
-from modeling_internimage import InternImageForImageClassification  # noqa: E402
-from training_recipe import (  # noqa: E402
-    InternImageTrainer,
-    build_cosine_schedule,
-    build_parameter_groups,
-)
 
 # A few seconds per run: 192 digits, batch 16, one epoch of 12 steps, a checkpoint every 4 steps (`--save_steps`
 # alone: it implies the "steps" strategy).
@@ -262,159 +254,8 @@ def test_two_processes_end_with_the_weights_of_one(tmp_path):
     assert abs(losses[0][0] - math.log(10)) < 0.3, losses  # a mean loss, not a sum over processes
     assert len(list(two.glob("*.safetensors"))) == 1
 
-# --------------------------------------------------------------------------------------- recipe, in process
 
-
-def lr_scales(model, layer_decay=0.9, dcn_lr_multiplier=0.1) -> tuple[dict[str, float], dict[str, float]]:
-    groups = build_parameter_groups(model, 1.0, 0.05, layer_decay, dcn_lr_multiplier)
-    scale, decay = {}, {}
-    for group in groups:
-        for name in group["names"]:
-            assert name not in scale, f"{name} is in two groups"
-            scale[name], decay[name] = group["lr_scale"], group["weight_decay"]
-    assert set(scale) == {name for name, _ in model.named_parameters()}
-    return scale, decay
-
-
-def test_layer_decay_follows_the_official_rule_on_t():
-    """T (depths 4, 4, 18, 4): blocks numbered from the last one backwards get 0.9**index; the stem shares the
-    first block's ratio, a stage's norm/downsampling the next stage's first block's; head and last norm 1."""
-    config = InternImageConfig.from_variant("internimage_t_1k_224", num_labels=10)
-    scale, decay = lr_scales(InternImageForImageClassification(config))
-    stages = "internimage.encoder.stages"
-    expected = {
-        f"{stages}.3.layers.3.mlp.fc1.weight": 1.0,
-        f"{stages}.3.layers.0.norm1.weight": 0.9**3,
-        f"{stages}.2.layers.17.dcn.input_proj.weight": 0.9**4,
-        f"{stages}.2.layers.0.dcn.mask.weight": 0.9**21,  # the mask projection has no DCN multiplier
-        f"{stages}.1.layers.0.mlp.fc2.bias": 0.9**25,
-        f"{stages}.0.layers.0.dcn.output_proj.weight": 0.9**29,
-        f"{stages}.0.layers.3.dcn.offset.weight": 0.9**26 * 0.1,
-        f"{stages}.3.layers.3.dcn.offset.bias": 0.1,
-        "internimage.embeddings.conv1.weight": 0.9**29,
-        f"{stages}.0.downsample.conv.weight": 0.9**25,
-        f"{stages}.0.norm.weight": 0.9**25,
-        f"{stages}.1.downsample.norm.bias": 0.9**21,
-        f"{stages}.2.downsample.conv.weight": 0.9**3,
-        f"{stages}.2.norm.bias": 0.9**3,
-        f"{stages}.3.norm.weight": 1.0,
-        "internimage.pooler.conv.weight": 1.0,
-        "classifier.weight": 1.0,
-    }
-    for name, ratio in expected.items():
-        assert scale[name] == pytest.approx(ratio, rel=1e-12), name
-    assert decay["classifier.weight"] == decay[f"{stages}.0.layers.0.dcn.offset.weight"] == 0.05
-    assert decay["classifier.bias"] == decay[f"{stages}.0.layers.0.norm1.weight"] == 0.0
-    assert decay["internimage.pooler.norm.weight"] == 0.0
-
-
-def test_layer_decay_follows_the_official_rule_on_h():
-    """H's structure (depths 6, 6, 32, 6, res-post-norm, extra stage-3 norms, centre feature scale, attention
-    pooler) at a small width."""
-    config = InternImageConfig.from_variant(
-        "internimage_h_22kto1k_640", channels=16, groups=[1, 2, 4, 8], attention_pooler_hidden_size=32,
-        attention_pooler_num_heads=2, attention_pooler_output_size=32, num_labels=10,
-    )
-    scale, decay = lr_scales(InternImageForImageClassification(config))
-    stages = "internimage.encoder.stages"
-    expected = {
-        f"{stages}.3.layers.5.res_post_norm2.weight": 1.0,
-        f"{stages}.2.layers.31.mlp.fc1.weight": 0.9**6,
-        f"{stages}.0.layers.0.norm1.weight": 0.9**49,
-        "internimage.embeddings.norm1.weight": 0.9**49,
-        f"{stages}.0.norm.weight": 0.9**43,
-        f"{stages}.2.downsample.conv.weight": 0.9**5,
-        f"{stages}.2.post_norms.4.weight": 1.0,
-        f"{stages}.3.norm.weight": 1.0,
-        f"{stages}.1.layers.2.dcn.center_feature_scale_proj.weight": 0.9**41 * 0.1,
-        "internimage.pooler.attention.query.weight": 1.0,
-    }
-    for name, ratio in expected.items():
-        assert scale[name] == pytest.approx(ratio, rel=1e-12), name
-    assert decay[f"{stages}.1.layers.2.dcn.center_feature_scale_proj.weight"] == 0.05
-    assert decay[f"{stages}.1.layers.2.dcn.center_feature_scale_proj.bias"] == 0.0
-
-
-def test_without_layer_decay_only_the_dcn_multiplier_remains():
-    config = InternImageConfig(channels=16, depths=[1, 1, 2, 1], groups=[1, 2, 4, 8], num_labels=3)
-    scale, _ = lr_scales(InternImageForImageClassification(config), layer_decay=None, dcn_lr_multiplier=0.1)
-    assert {value for value in scale.values()} == {1.0, 0.1}
-    assert scale["internimage.encoder.stages.2.layers.1.dcn.offset.weight"] == 0.1
-
-
-def test_schedule_matches_timm_cosine_scheduler():
-    """Per-step warmup + cosine (`warmup_prefix=False`) with absolute warmup/floor LRs, per group."""
-    from timm.scheduler import CosineLRScheduler
-
-    def optimizer():
-        parameters = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
-        return torch.optim.SGD([{"params": [parameters[0]], "lr": 4e-3}, {"params": [parameters[1]], "lr": 1e-3}])
-
-    ours_optimizer, timm_optimizer = optimizer(), optimizer()
-    ours = build_cosine_schedule(ours_optimizer, total_steps=100, warmup_steps=10, warmup_lr=4e-6, min_lr=4e-5)
-    reference = CosineLRScheduler(
-        timm_optimizer, t_initial=100, lr_min=4e-5, warmup_t=10, warmup_lr_init=4e-6, t_in_epochs=False
-    )
-    for step in range(120):
-        reference.step_update(step)
-        expected = [group["lr"] for group in timm_optimizer.param_groups]
-        assert [group["lr"] for group in ours_optimizer.param_groups] == pytest.approx(expected, rel=1e-9), step
-        ours_optimizer.step()
-        ours.step()
-
-
-def test_mixup_batches_use_the_soft_target_loss(tmp_path):
-    """The loss of a mixed batch is -sum(soft_target * log_softmax(logits)), with timm's mixed, smoothed targets
-    (transformers' default loss would switch to multi-label BCE for float labels)."""
-    from timm.data import Mixup
-    from transformers import TrainingArguments
-
-    torch.manual_seed(0)
-    config = InternImageConfig(channels=16, depths=[1, 1, 1, 1], groups=[1, 2, 4, 8], num_labels=5, drop_path_rate=0)
-    model = InternImageForImageClassification(config).train()
-    mixup = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=5)
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none", label_smoothing_factor=0.1)
-    trainer = InternImageTrainer(model=model, args=args, mixup=mixup)
-    pixel_values, labels = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 4])
-
-    np.random.seed(7)
-    loss = trainer.compute_loss(model, {"pixel_values": pixel_values.clone(), "labels": labels})  # mixed in place
-    np.random.seed(7)
-    mixed, soft_targets = Mixup(mixup_alpha=0.8, cutmix_alpha=1.0, label_smoothing=0.1, num_classes=5)(
-        pixel_values.clone(), labels
-    )
-    assert not torch.equal(mixed, pixel_values) and soft_targets.shape == (4, 5)
-    logits = model(pixel_values=mixed).logits
-    manual = (-soft_targets * torch.log_softmax(logits, dim=-1)).sum(-1).mean()
-    torch.testing.assert_close(loss, manual)
-    bce = torch.nn.functional.binary_cross_entropy_with_logits(logits, soft_targets)
-    assert not torch.allclose(loss, bce)
-
-
-def test_frozen_batchnorm_uses_and_keeps_the_running_statistics(tmp_path):
-    """`--freeze_batchnorm`: in training, the conv pooler's BatchNorm normalises with its running statistics (the
-    loss equals the eval-mode loss, which no split of the batch can change) and leaves them as they were."""
-    from transformers import TrainingArguments
-
-    torch.manual_seed(0)
-    config = InternImageConfig(channels=8, depths=[1, 1, 1, 1], groups=[2, 4, 8, 16], num_labels=5, drop_path_rate=0)
-    model = InternImageForImageClassification(config)
-    norm = model.internimage.pooler.norm
-    norm.running_mean.uniform_(-0.5, 0.5)
-    norm.running_var.uniform_(0.5, 2.0)
-    statistics = norm.running_mean.clone(), norm.running_var.clone()
-    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
-    inputs = {"pixel_values": torch.randn(4, 3, 32, 32), "labels": torch.tensor([0, 1, 2, 4])}
-    with torch.no_grad():
-        eval_loss = torch.nn.functional.cross_entropy(model.eval()(inputs["pixel_values"]).logits, inputs["labels"])
-        frozen = InternImageTrainer(model=model, args=args, freeze_batchnorm=True)
-        frozen_loss = frozen.compute_loss(model.train(), inputs)
-        assert not norm.training and model.internimage.encoder.training
-        assert torch.equal(norm.running_mean, statistics[0]) and torch.equal(norm.running_var, statistics[1])
-        torch.testing.assert_close(frozen_loss, eval_loss, rtol=1e-6, atol=1e-6)
-        batch_statistics_loss = InternImageTrainer(model=model, args=args).compute_loss(model.train(), inputs)
-    assert not torch.equal(norm.running_mean, statistics[0])
-    assert (batch_statistics_loss - eval_loss).abs() > 1e-3
+# ----------------------------------------------------------------------------------------------- metrics
 
 
 def test_top_k_metrics_rank_the_label():

@@ -1,4 +1,5 @@
-"""Helpers of the training-script tests: running `train_classification.py` offline, and image folders on disk."""
+"""Helpers of the training-script tests: running `train_classification.py` offline, its parsed arguments, and image
+folders on disk."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -35,6 +37,16 @@ def run_script(tmp_path: Path, *args: str, launcher: list[str] | None = None) ->
     result = run_command(tmp_path, (launcher or [sys.executable]) + [SCRIPT, *args])
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
     return result.stdout + result.stderr
+
+
+def parsed_values(argv: list[str]) -> dict:
+    """Every argument `train_classification.parse_arguments(argv)` returns, by name, enums as their string values."""
+    script = pytest.importorskip("train_classification")  # it needs datasets and evaluate
+    values = {}
+    for arguments in script.parse_arguments(argv):
+        for name, value in vars(arguments).items():
+            values[name] = getattr(value, "value", value)
+    return values
 
 
 def read_json(path: Path) -> dict:
