@@ -7,11 +7,13 @@ points ordered x-outer, y-inner. The sampling position of point p for output pix
 `(c - pad + i * stride + offset_scale * (tap_p * dilation + offset_p))` per axis, `c = dilation * (k - 1) // 2`,
 and values outside the image are zero (bilinear interpolation).
 
-Non-finite values never raise and make the same outputs non-finite as the official grid_sample formulation: a
-sampling point whose position is NaN or ±inf (from a non-finite offset) contributes NaN to its outputs, and a
-non-finite mask or pixel value gives the non-finite products it takes part in (a pixel takes part in the bilinear
-sum of every point whose four corners include it, also with weight zero, and of no other point). Gradients are
-non-finite where they depend on such values.
+Non-finite values never raise, on every backend, and make the same outputs non-finite as the official grid_sample
+formulation: a sampling point whose position is NaN or ±inf (from a non-finite offset) makes its outputs NaN (the
+official CUDA kernel, `ops_dcnv3/src/cuda/dcnv3_im2col_cuda.cuh` L217-282, skips such a point instead), and a
+non-finite mask or pixel value makes the outputs whose sums it takes part in non-finite: NaN for NaN; ±inf or NaN
+for ±inf, which of the two is left unspecified. A pixel takes part in the bilinear sum of every point whose four
+corners include it, also with weight zero, and of no other point. Gradients are non-finite where they depend on
+such values, as in the official formulation.
 """
 
 from __future__ import annotations
@@ -359,7 +361,8 @@ def dcnv3_core(
     remove_center: int | bool,
     backend: str | None = "auto",
 ) -> torch.Tensor:
-    """DCNv3 core with the official argument order and layouts (see the module docstring), on the chosen backend."""
+    """DCNv3 core with the official argument order and layouts, on the chosen backend; NaN and ±inf as the module
+    docstring says, the same on every backend."""
     args = (
         kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
         float(offset_scale), int(remove_center),

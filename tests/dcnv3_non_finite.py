@@ -19,10 +19,10 @@ ARGUMENTS = (3, 3, 1, 1, 1, 1, 1, 1, 2, 4, 1.0, 0)
 
 
 def poisoned_case(name: str, value: float, seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """float64 (input, offset, mask) of a (2, 5, 6) image with `value` at four scattered entries of `name`, and a
-    random weight of the outputs for the gradients (the loss is `sum(output * weight)`)."""
+    """float64 (input, offset, mask) of a 4x5 image with `value` at four scattered entries of `name`, and a random
+    weight of the outputs for the gradients (the loss is `sum(output * weight)`). Tiny for the Triton interpreter."""
     generator = torch.Generator().manual_seed(seed)
-    batch, height, width, group, channels, points = 2, 5, 6, ARGUMENTS[8], ARGUMENTS[8] * ARGUMENTS[9], 9
+    batch, height, width, group, channels, points = 1, 4, 5, ARGUMENTS[8], ARGUMENTS[8] * ARGUMENTS[9], 9
     tensors = {
         "input": torch.randn(batch, height, width, channels, generator=generator, dtype=torch.float64),
         "offset": 3 * torch.randn(batch, height, width, group * points * 2, generator=generator, dtype=torch.float64),
@@ -49,7 +49,7 @@ def forward_and_gradients(
 
 def assert_same_non_finite(actual: list[torch.Tensor], expected: list[torch.Tensor], atol: float) -> None:
     """Output and gradients: the same entries are non-finite (and some outputs are), the finite ones agree."""
-    assert 0 < int(torch.isfinite(expected[0]).logical_not().sum()) < expected[0].numel() // 10
+    assert 0 < int(torch.isfinite(expected[0]).logical_not().sum()) < expected[0].numel() // 2
     for what, got, want in zip(("output", "grad_input", "grad_offset", "grad_mask"), actual, expected):
         finite = torch.isfinite(want)
         torch.testing.assert_close(torch.isfinite(got), finite, rtol=0, atol=0, msg=f"{what}: non-finite entries")
@@ -64,4 +64,6 @@ def check_against_the_official_formulation(
     actual = forward_and_gradients(op, tensors, grad_weight, dtype, device)
     expected = forward_and_gradients(oracle_dcnv3_core, tensors, grad_weight, dtype)
     assert_same_non_finite(actual, expected, atol)
+    if name == "offset" or value != value:  # a non-finite position, or a NaN anywhere, gives NaN (not ±inf)
+        assert actual[0][~torch.isfinite(actual[0])].isnan().all()
     return actual

@@ -18,13 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dcnv3_non_finite import (  # noqa: E402
-    ARGUMENTS,
-    NON_FINITE,
-    TENSORS,
-    check_against_the_official_formulation,
-    poisoned_case,
-)
+from dcnv3_non_finite import NON_FINITE, TENSORS, check_against_the_official_formulation  # noqa: E402
 from dcnv3_oracle import oracle_dcnv3_core, oracle_dcnv3_module_forward  # noqa: E402
 
 import dcnv3_ops  # noqa: E402
@@ -293,7 +287,4 @@ def test_non_finite_values_match_the_official_formulation(name, value, dtype):
     sampling position gives NaN, a non-finite mask or pixel value the non-finite products it takes part in. Points
     far outside the image read no pixel, so a NaN pixel does not reach them."""
     atol = 1e-10 if dtype == torch.float64 else 5e-5
-    output = check_against_the_official_formulation(dcnv3_core_pytorch, name, value, dtype, atol=atol)[0]
-    tensors, _ = poisoned_case(name, value)
-    expected = oracle_dcnv3_core(*(tensors[key].to(dtype) for key in TENSORS), *ARGUMENTS)
-    torch.testing.assert_close(output.isnan(), expected.isnan(), rtol=0, atol=0)  # NaN where NaN, not ±inf
+    check_against_the_official_formulation(dcnv3_core_pytorch, name, value, dtype, atol=atol)
