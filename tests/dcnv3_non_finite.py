@@ -41,7 +41,7 @@ def forward_and_gradients(
     op, tensors: dict[str, torch.Tensor], grad_weight: torch.Tensor, dtype: torch.dtype, device: str = "cpu"
 ) -> list[torch.Tensor]:
     """[output, grad_input, grad_offset, grad_mask] of `op` in `dtype`, as float64 on the CPU."""
-    leaves = [tensors[name].to(device, dtype).requires_grad_() for name in TENSORS]
+    leaves = [tensors[name].to(device, dtype, copy=True).requires_grad_() for name in TENSORS]
     output = op(*leaves, *ARGUMENTS)
     gradients = torch.autograd.grad((output * grad_weight.to(device, dtype)).sum(), leaves)
     return [result.detach().double().cpu() for result in (output, *gradients)]
