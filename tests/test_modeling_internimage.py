@@ -36,10 +36,12 @@ from transformers_common import load_transformers_common_tests  # noqa: E402
 import dcnv3_ops  # noqa: E402
 from configuration_internimage import AUTO_MAP, InternImageConfig  # noqa: E402
 from modeling_internimage import (  # noqa: E402
+    InternImageBackbone,
     InternImageDCNv3,
     InternImageForImageClassification,
     InternImageLayer,
     InternImageModel,
+    InternImageStage,
 )
 
 COMMON = load_transformers_common_tests()
@@ -212,9 +214,6 @@ class InternImageModelTest(COMMON.ModelTesterMixin, unittest.TestCase):
 
     @unittest.skip(reason="InternImage takes pixel values, it has no input embeddings")
     def test_model_get_set_embeddings(self) -> None: ...
-
-    @unittest.skip(reason="InternImage has no attention outputs to retain gradients of (hidden states are checked)")
-    def test_retain_grad_hidden_states_attentions(self) -> None: ...
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -402,6 +401,64 @@ def test_stochastic_depth_only_in_train_mode():
     # Without stochastic depth, train mode is deterministic too: the difference above is the dropped paths.
     first, second = two_runs(seeded(InternImageModel, tiny_config(drop_path_rate=0.0)).train())
     torch.testing.assert_close(first, second, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Gradients through the returned maps (Grad-CAM and other attributions)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _stage_norm_outputs(model: nn.Module) -> list[torch.Tensor]:
+    """Filled, during the next forward, with each stage's final-norm output (the channels-last stage map)."""
+    captured = []
+    for module in model.modules():
+        if isinstance(module, InternImageStage):
+            module.norm.register_forward_hook(lambda norm, args, output: captured.append(output))
+    return captured
+
+
+@pytest.mark.parametrize("make_config", [tiny_config, tiny_attention_pooler_config], ids=["conv", "attention"])
+def test_classifier_stage_maps_receive_the_gradient_of_a_logit(make_config):
+    """`hidden_states[i].retain_grad()` then `logits[0, k].backward()`: every returned map gets d logit / d map, the
+    gradient of the stage's own channels-last output (they used to get none: the network consumed another view)."""
+    model = seeded(InternImageForImageClassification, make_config())
+    norm_outputs = _stage_norm_outputs(model)
+    outputs = model(pixels(size=64), output_hidden_states=True)
+    logit = outputs.logits[0, 3]
+    expected = torch.autograd.grad(logit, norm_outputs, retain_graph=True)  # before retain_grad, which it would fill
+    for hidden_state in outputs.hidden_states:
+        hidden_state.retain_grad()
+    logit.backward()
+    for index, (hidden_state, gradient) in enumerate(zip(outputs.hidden_states, expected)):
+        assert hidden_state.grad is not None, f"stage {index + 1} map has no gradient"
+        assert gradient.abs().sum() > 0
+        torch.testing.assert_close(hidden_state.grad, gradient.permute(0, 3, 1, 2), rtol=0, atol=0)
+
+
+def test_base_model_last_hidden_state_is_the_last_stage_map_on_the_gradient_path():
+    model = seeded(InternImageModel, tiny_config())
+    for output_hidden_states in (True, False):
+        outputs = model(pixels(), output_hidden_states=output_hidden_states)
+        maps = (outputs.last_hidden_state, *(outputs.hidden_states or ()))
+        for hidden_state in maps:
+            hidden_state.retain_grad()
+        outputs.pooler_output[1].sum().backward()
+        assert all(hidden_state.grad is not None and hidden_state.grad.abs().sum() > 0 for hidden_state in maps)
+        if output_hidden_states:
+            assert outputs.last_hidden_state is outputs.hidden_states[-1]
+
+
+def test_backbone_feature_maps_are_on_the_gradient_path():
+    """A dense head reads every feature map; each map, the stem's included, also feeds the later ones."""
+    config = tiny_config(out_features=["stem", "stage1", "stage2", "stage3", "stage4"])
+    model = seeded(InternImageBackbone, config)
+    outputs = model(pixels(), output_hidden_states=True)
+    assert all(feature is hidden for feature, hidden in zip(outputs.feature_maps, outputs.hidden_states))
+    for feature_map in outputs.feature_maps:
+        feature_map.retain_grad()
+    outputs.feature_maps[-1].square().sum().backward()
+    for feature_map in outputs.feature_maps:
+        assert feature_map.grad is not None and feature_map.grad.abs().sum() > 0
 
 
 # ---------------------------------------------------------------------------------------------------------------
