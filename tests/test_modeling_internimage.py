@@ -543,6 +543,80 @@ def test_float64_model_matches_float32():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Non-finite values
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _backend_on_gpu(backend: str) -> str:
+    """`backend`, or a skip when it cannot run on this machine's GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if backend == "triton" and not dcnv3_ops.triton_is_available():
+        pytest.skip("triton is not installed")
+    if backend == "cuda" and dcnv3_ops._cuda_extension_module() is None:
+        pytest.skip("the dcnv3_cuda extension is not built (pip install ./dcnv3_cuda --no-build-isolation)")
+    return backend
+
+
+def check_nan_input_gives_nan_logits(backend: str, device: str) -> None:
+    """A NaN pixel makes its own image's logits NaN, without raising (the NaN offsets it causes used to crash the
+    PyTorch backend with an out-of-range index), and leaves the other image alone (eval mode)."""
+    model = seeded(InternImageForImageClassification, tiny_config(dcn_backend=backend)).to(device)
+    pixel_values = pixels().to(device)
+    pixel_values[0, :, 5, 7] = float("nan")
+    with torch.no_grad():
+        logits = model(pixel_values).logits
+    assert logits[0].isnan().all() and torch.isfinite(logits[1]).all()
+
+
+def check_loss_scaler_skips_the_step_after_an_overflow(overflow: str, backend: str, device: str) -> None:
+    """float16 autocast and a `GradScaler`: an overflow in the forward (huge pixels, or an offset projection whose
+    output exceeds float16's 65504, i.e. infinite offsets) gives a non-finite loss, the scaler sees non-finite
+    gradients and skips the step (parameters unchanged, scale halved) instead of the run crashing or stepping."""
+    model = seeded(InternImageForImageClassification, tiny_config(dcn_backend=backend)).to(device).train()
+    pixel_values = pixels().to(device)
+    if overflow == "input":
+        pixel_values = pixel_values * 1e6
+    else:
+        with torch.no_grad():
+            model.internimage.encoder.stages[1].layers[0].dcn.offset.bias[0] = 1e5
+    parameters = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler(device, init_scale=1024.0)
+    with torch.autocast(device, dtype=torch.float16):
+        loss = model(pixel_values, labels=torch.tensor([1, 2], device=device)).loss
+    assert not torch.isfinite(loss)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() == 512.0
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.detach(), parameters[name], rtol=0, atol=0, msg=name)
+
+
+def test_nan_input_gives_nan_logits(backend_env):
+    check_nan_input_gives_nan_logits("pytorch", "cpu")
+
+
+@pytest.mark.parametrize("overflow", ["input", "offset"])
+def test_float16_loss_scaler_skips_the_step_after_an_overflow(backend_env, overflow):
+    check_loss_scaler_skips_the_step_after_an_overflow(overflow, "pytorch", "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["pytorch", "triton", "cuda"])
+def test_gpu_nan_input_gives_nan_logits(backend_env, backend):
+    check_nan_input_gives_nan_logits(_backend_on_gpu(backend), "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("overflow", ["input", "offset"])
+@pytest.mark.parametrize("backend", ["pytorch", "triton", "cuda"])
+def test_gpu_float16_loss_scaler_skips_the_step_after_an_overflow(backend_env, backend, overflow):
+    check_loss_scaler_skips_the_step_after_an_overflow(overflow, _backend_on_gpu(backend), "cuda")
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Remote code
 # ---------------------------------------------------------------------------------------------------------------
 
