@@ -30,11 +30,11 @@ if str(ROOT) not in sys.path:
 
 from dcnv3_non_finite import (  # noqa: E402
     ARGUMENTS,
-    NON_FINITE,
-    TENSORS,
+    ATOL,
     assert_same_non_finite,
     check_against_the_official_formulation,
     forward_and_gradients,
+    non_finite_cases,
     poisoned_case,
 )
 from dcnv3_oracle import oracle_dcnv3_core  # noqa: E402
@@ -384,19 +384,16 @@ def test_emulated_kernels_match_pytorch_beyond_the_fixtures(
         torch.testing.assert_close(result, reference, atol=1e-12, rtol=0, msg=name)
 
 
-@pytest.mark.parametrize("dtype", ["double", "float"])
-@pytest.mark.parametrize("value", NON_FINITE.values(), ids=NON_FINITE.keys())
-@pytest.mark.parametrize("name", TENSORS)
+@non_finite_cases(torch.float64, torch.float32)
 def test_emulated_kernels_handle_non_finite_values_as_the_official_formulation(host_emulation, name, value, dtype):
     """NaN or ±inf in input, offsets or mask: the same non-finite outputs and gradients as the official grid_sample
     formulation (NaN for a NaN or infinite position, also far outside the image), and no pixel read by a point whose
     corners are all outside the image."""
     tensors, grad_weight = poisoned_case(name, value)
     case = {**dict(zip(HYPER_PARAMETERS, ARGUMENTS)), **tensors, "grad_weight": grad_weight}
-    torch_dtype = torch.float64 if dtype == "double" else torch.float32
-    expected = forward_and_gradients(oracle_dcnv3_core, tensors, grad_weight, torch_dtype)
-    results = _emulate(host_emulation, case, dtype, blocks=2)
-    assert_same_non_finite(results, expected, atol=1e-10 if dtype == "double" else 5e-5)
+    expected = forward_and_gradients(oracle_dcnv3_core, tensors, grad_weight, dtype)
+    results = _emulate(host_emulation, case, "double" if dtype == torch.float64 else "float", blocks=2)
+    assert_same_non_finite(results, expected, ATOL[dtype])
 
 
 # ------------------------------------------------------------------------------------------------------------ GPU
@@ -482,12 +479,9 @@ def test_batch_300_and_group_channels_match_pytorch(group_channels):
 
 @pytest.mark.gpu
 @needs_gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-@pytest.mark.parametrize("value", NON_FINITE.values(), ids=NON_FINITE.keys())
-@pytest.mark.parametrize("name", TENSORS)
+@non_finite_cases(torch.float32, torch.float64)
 def test_non_finite_values_match_the_official_formulation(name, value, dtype):
-    atol = 1e-10 if dtype == torch.float64 else 5e-5
-    check_against_the_official_formulation(extension.dcnv3_cuda, name, value, dtype, device="cuda", atol=atol)
+    check_against_the_official_formulation(extension.dcnv3_cuda, name, value, dtype, device="cuda")
 
 
 @pytest.mark.gpu

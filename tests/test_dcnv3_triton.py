@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from dcnv3_non_finite import NON_FINITE, TENSORS, check_against_the_official_formulation  # noqa: E402
+from dcnv3_non_finite import check_against_the_official_formulation, non_finite_cases  # noqa: E402
 
 import dcnv3_triton  # noqa: E402
 from configuration_internimage import InternImageConfig  # noqa: E402
@@ -191,12 +191,11 @@ def test_interpreter_mixed_dtypes_keep_each_gradient_dtype():
 
 @interpreter
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy computing inf - inf
-@pytest.mark.parametrize("value", NON_FINITE.values(), ids=NON_FINITE.keys())
-@pytest.mark.parametrize("name", TENSORS)
-def test_interpreter_non_finite_values_match_the_official_formulation(name, value):
+@non_finite_cases(torch.float32)
+def test_interpreter_non_finite_values_match_the_official_formulation(name, value, dtype):
     """NaN or ±inf in input, offsets or mask: the same non-finite outputs and gradients as the official grid_sample
     formulation (NaN for a NaN or infinite position), no read outside the input (the interpreter checks bounds)."""
-    check_against_the_official_formulation(dcnv3_triton.dcnv3_triton, name, value)
+    check_against_the_official_formulation(dcnv3_triton.dcnv3_triton, name, value, dtype)
 
 
 # ---------------------------------------------------------------- GPU
@@ -274,12 +273,9 @@ def test_gpu_more_than_2_31_elements():
 
 @pytest.mark.gpu
 @gpu
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-@pytest.mark.parametrize("value", NON_FINITE.values(), ids=NON_FINITE.keys())
-@pytest.mark.parametrize("name", TENSORS)
+@non_finite_cases(torch.float32, torch.float64)
 def test_gpu_non_finite_values_match_the_official_formulation(name, value, dtype):
-    atol = 1e-10 if dtype == torch.float64 else 5e-5
-    check_against_the_official_formulation(dcnv3_triton.dcnv3_triton, name, value, dtype, device="cuda", atol=atol)
+    check_against_the_official_formulation(dcnv3_triton.dcnv3_triton, name, value, dtype, device="cuda")
 
 
 def perturbed_classifier(backend: str, device: str) -> torch.nn.Module:
