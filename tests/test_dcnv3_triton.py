@@ -362,11 +362,13 @@ def test_interpreter_nan_input_gives_nan_logits():
     with torch.no_grad():
         assert perturbed_classifier("triton", "cpu")(pixel_values).logits.isnan().all()
 
+@pytest.mark.gpu
 @gpu
 def test_gpu_whole_model_matches_pytorch_backend():
     check_whole_model_matches_pytorch_backend("cuda", torch.randn(2, 3, 64, 96).cuda())
 
 
+@pytest.mark.gpu
 @gpu
 def test_gpu_torch_compile_full_model_matches_pytorch_backend():
     check_whole_model_matches_pytorch_backend("cuda", torch.randn(2, 3, 64, 96).cuda(), "inductor")
