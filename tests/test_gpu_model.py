@@ -50,7 +50,8 @@ def exact_float32(monkeypatch):
 
 
 def deformable_classifier(backend: str, **overrides) -> InternImageForImageClassification:
-    """A small classifier on the GPU whose offsets are far from zero, so the sampling is really deformable."""
+    """A small classifier on the GPU whose offsets are far from zero and whose masks differ between points, so the
+    sampling is really deformable."""
     fields = {"channels": 16, "depths": [1, 1, 2, 1], "groups": [2, 4, 8, 16], "num_labels": 10,
               "drop_path_rate": 0.0, "dcn_backend": backend, **overrides}
     torch.manual_seed(0)
@@ -60,6 +61,7 @@ def deformable_classifier(backend: str, **overrides) -> InternImageForImageClass
             if isinstance(module, InternImageDCNv3):
                 module.offset.weight.normal_(0, 0.5)
                 module.offset.bias.normal_(0, 1.0)
+                module.mask.weight.normal_(0, 0.5)
     return model.cuda()
 
 
