@@ -487,8 +487,8 @@ def prepare_tensors(
     """
     prepared: dict[str, torch.Tensor] = {}
     storages: set[int] = set()
-    for key, tensor in state_dict.items():
-        wanted = expected[key].dtype
+    for key in _progress(list(state_dict), "Preparing tensors", _size_in_bytes(state_dict)):
+        tensor, wanted = state_dict[key], expected[key].dtype
         if tensor.layout != torch.strided or tensor.is_quantized or tensor.device.type != "cpu":
             raise ConversionError(
                 f"checkpoint tensor {key} is not a dense tensor in memory ({tensor.layout}, {tensor.device}"
@@ -580,13 +580,11 @@ def _check_kwargs_fit(kwargs: Mapping[str, Any], official: Mapping[str, Any], so
     """Stop early (before building anything of that size) when the configuration's widths, depths or class count
     are not the checkpoint's."""
     channels, depths, classes = visible_architecture(official)
-    given = {"channels": kwargs.get("channels", 64), "depths": kwargs.get("depths", [3, 4, 18, 5]),
-             "num_classes": kwargs.get("num_classes", 1000)}
     found = {"channels": channels, "depths": depths or None, "num_classes": classes}
     for name, value in found.items():
-        if value is not None and given[name] != value:
+        if value is not None and name in kwargs and kwargs[name] != value:
             raise ConversionError(
-                f"{source} gives {name} {_short_repr(given[name])} but the checkpoint has {value}: the file does not"
+                f"{source} gives {name} {_short_repr(kwargs[name])} but the checkpoint has {value}: the file does not"
                 " describe this checkpoint"
             )
 
@@ -729,6 +727,14 @@ def write_json(path: Path, content: dict[str, Any]) -> None:
     path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
 
 
+# UperNet on the folder's backbone with its weights (the README's "Dense prediction backbone" lines).
+DENSE_PREDICTION_LINES = (
+    "encoder = AutoModel.from_pretrained(model_name, trust_remote_code=True, pooler_type=None)  # stem and stages",
+    "segmenter = UperNetForSemanticSegmentation(UperNetConfig(backbone_config=encoder.config, num_labels=150))",
+    "segmenter.backbone.load_state_dict(encoder.state_dict())  # the pretrained backbone weights",
+)
+
+
 def write_model_card(path: Path, config: InternImageConfig, variant: str | None, notes: list[str]) -> None:
     """A README.md with Hub metadata, usage and the published numbers of the release."""
     is_classifier = config.pooler_type is not None
@@ -787,6 +793,19 @@ def write_model_card(path: Path, config: InternImageConfig, variant: str | None,
             "print(classifier.config.id2label[logits.argmax(-1).item()])",
         ]
     lines += ["```", ""]
+    lines += [
+        "## Dense prediction",
+        "",
+        "UperNet, Mask2Former and the other models that build their backbone with `load_backbone` take this one with"
+        " its pretrained weights:",
+        "",
+        "```python",
+        "from transformers import AutoModel, UperNetConfig, UperNetForSemanticSegmentation",
+        "",
+        *DENSE_PREDICTION_LINES,
+        "```",
+        "",
+    ]
     path.write_text("\n".join(lines))
 
 
@@ -937,11 +956,11 @@ def _resolve_config(
 
 def _empty_model(config: InternImageConfig, official_config: str | os.PathLike | None) -> torch.nn.Module:
     """`build_empty_model(config)`; a configuration read from a file that cannot be built is that file's error."""
-    if official_config is None:
-        return build_empty_model(config)
     try:
         return build_empty_model(config)
     except Exception as error:
+        if official_config is None:
+            raise
         raise ConversionError(
             f"--official-config {official_config}: no model can be built from it ({_first_line(error)})"
         ) from None
@@ -1009,9 +1028,9 @@ def convert_checkpoint(
     renames, report = compare_keys(official, {prefix + key: tensor.shape for key, tensor in empty_state.items()})
     if report:
         raise ConversionError(f"the checkpoint does not fit the configuration: {report.describe()}")
-    weight_bytes = _size_in_bytes(official)
     renamed = {renames[key][len(prefix):]: official[key] for key in official}
     state_dict = prepare_tensors(renamed, empty_state, DTYPES[dtype])
+    weight_bytes = _size_in_bytes(state_dict)
     model.load_state_dict(state_dict, strict=True, assign=True)
     model.eval()
 

@@ -15,7 +15,8 @@ from pathlib import Path
 
 from conftest import FIXTURES, ROOT
 
-from convert_checkpoints import main
+from configuration_internimage import InternImageConfig
+from convert_checkpoints import DENSE_PREDICTION_LINES, finalize_config, main, write_model_card
 
 PLACEHOLDER = "path/to/converted/folder"
 REPO_ID = "me/internimage-tiny"
@@ -30,27 +31,27 @@ from transformers.backbone_utils import load_backbone
 snippet, folder, other_folder, repo_root, out = sys.argv[1:6]
 assert repo_root not in sys.path and "modeling_internimage" not in sys.modules
 results = {}
-for name in (folder, "REPO_ID"):
+for name in ("REPO_ID", folder):
     namespace = {}
     exec(snippet.replace("PLACEHOLDER", name), namespace)  # the README's lines, as written
     segmenter, encoder = namespace["segmenter"], namespace["encoder"]
     backbone = segmenter.backbone
     weights = {k.removeprefix("internimage."): v for k, v in load_file(folder + "/model.safetensors").items()}
-    pixel_values = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
-    with torch.no_grad():
-        maps_equal = [torch.equal(a, b) for a, b in zip(backbone.eval()(pixel_values).feature_maps,
-                                                          encoder.eval()(pixel_values).hidden_states)]
-    segmenter.train()
-    loss = segmenter(pixel_values, labels=torch.randint(0, 150, (2, 64, 64))).loss
-    loss.backward()
     results[name] = {
         "backbone": [type(backbone).__module__, type(backbone).__name__],
         "weights_equal": all(torch.equal(value, weights[key]) for key, value in backbone.state_dict().items()),
         "num_weights": len(backbone.state_dict()),
-        "maps_equal": maps_equal,
         "logits": list(namespace["segmentation_logits"].shape),
-        "stem_grad": float(backbone.embeddings.conv1.weight.grad.abs().sum()),
     }
+# The local folder's segmenter: the backbone computes the encoder's maps, and trains.
+pixel_values = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+segmenter, encoder = namespace["segmenter"], namespace["encoder"]
+with torch.no_grad():
+    results["maps_equal"] = [torch.equal(a, b) for a, b in zip(segmenter.backbone.eval()(pixel_values).feature_maps,
+                                                                 encoder.eval()(pixel_values).hidden_states)]
+segmenter.train()
+segmenter(pixel_values, labels=torch.randint(0, 150, (2, 64, 64))).loss.backward()
+results["stem_grad"] = float(segmenter.backbone.embeddings.conv1.weight.grad.abs().sum())
 
 # Any model that builds its backbone with `load_backbone`: the generic call, and Mask2Former.
 results["load_backbone"] = type(load_backbone(encoder.config)).__name__
@@ -102,6 +103,12 @@ def test_readme_lines_are_three():
     assert end - start <= 3, code[start : end + 1]
 
 
+def test_model_card_gives_the_same_lines(tmp_path):
+    write_model_card(tmp_path / "README.md", finalize_config(InternImageConfig()), None, [])
+    card = (tmp_path / "README.md").read_text()
+    assert all(line in card and line in readme_snippet() for line in DENSE_PREDICTION_LINES)
+
+
 def _hub_cache(hf_home: Path, folder: Path) -> None:
     """`folder` as the cached snapshot of the Hub repo REPO_ID (what a download leaves in HF_HOME)."""
     repo = hf_home / "hub" / f"models--{REPO_ID.replace('/', '--')}"
@@ -139,8 +146,8 @@ def test_upernet_from_a_converted_folder_alone(tmp_path):
         module, class_name = result["backbone"]
         assert module.startswith("transformers_modules.") and class_name == "InternImageBackbone"
         assert result["weights_equal"] and result["num_weights"] > 100  # every backbone tensor is the folder's
-        assert result["maps_equal"] == [True] * 4
-        assert result["logits"] == [1, 150, 64, 64] and result["stem_grad"] > 0
+        assert result["logits"] == [1, 150, 64, 64]
+    assert results["maps_equal"] == [True] * 4 and results["stem_grad"] > 0
     assert results["load_backbone"] == "InternImageBackbone"
     assert results["mask2former"] == ["InternImageBackbone", [1, 5, 16, 16]]
     assert results["other_marker"] == "other"

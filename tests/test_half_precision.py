@@ -225,7 +225,7 @@ def test_model_card_examples_run_verbatim(folders, card_results, name):
 def test_half_model_takes_float32_pixel_values_in_any_layout(folders, dtype):
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(folders["h_float16"]["half"], trust_remote_code=True, dtype=dtype).eval()
+    model = AutoModel.from_pretrained(folders["t_mixed"]["half"], trust_remote_code=True, dtype=dtype).eval()
     assert model.dtype == dtype
     pixel_values = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
