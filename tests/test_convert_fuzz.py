@@ -334,11 +334,11 @@ def yaml_texts(draw) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _convert_with_config(text: str, suffix: str) -> int:
+def _convert_with_config(text: str | bytes, suffix: str) -> int:
     with tempfile.TemporaryDirectory() as folder:
         work = Path(folder)
         (work / "input.pth").write_bytes(OFFICIAL_CHECKPOINT)
-        (work / f"config{suffix}").write_text(text)
+        (work / f"config{suffix}").write_bytes(text if isinstance(text, bytes) else text.encode())
         code, stderr = run_main([str(work / "input.pth"), str(work / "out"), "--official-config",
                                  str(work / f"config{suffix}"), "--no-verify"])
         if code != 0:
@@ -357,6 +357,13 @@ def test_malformed_json_kwargs(text):
 @given(text=yaml_texts())
 def test_malformed_official_yaml(text):
     _convert_with_config(text, ".yaml")
+
+
+@settings(FUZZ_SETTINGS, max_examples=20)
+@given(content=st.binary(max_size=64) | st.integers(0, 2**32).map(lambda seed: random.Random(seed).randbytes(512)),
+       suffix=st.sampled_from([".json", ".yaml"]))
+def test_binary_official_config_files(content, suffix):
+    assert _convert_with_config(content, suffix) == 1
 
 
 def test_unknown_json_kwargs_are_rejected(tmp_path, capsys):
