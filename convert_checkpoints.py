@@ -21,9 +21,11 @@ import os
 import pickle
 import re
 import shutil
+import struct
 import sys
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -299,6 +301,59 @@ def _first_line(error: BaseException, limit: int = 200) -> str:
     return f"{type(error).__name__}: {text[:limit]}"
 
 
+def _zip_members(path: Path) -> dict[int, int] | None:
+    """The data offset and size of every member of a zip checkpoint, or `None` if one is compressed.
+
+    Each member's local header must match the central directory (memory-mapped `torch.load` trusts the directory's
+    offsets unchecked), and no member may be marked as a directory (a plain load reads those as uninitialised memory).
+    """
+    members = {}
+    with zipfile.ZipFile(path) as archive, path.open("rb") as handle:
+        for info in archive.infolist():
+            if info.filename.endswith("/") or info.external_attr & 0x10 or info.flag_bits & 0x1:
+                raise ValueError(f"member {info.filename!r} is marked as a directory or encrypted")
+            with archive.open(info):  # checks the local header: signature, and the name in the directory
+                pass
+            if info.compress_type != zipfile.ZIP_STORED:
+                return None
+            handle.seek(info.header_offset + 26)
+            name_length, extra_length = struct.unpack("<HH", handle.read(4))
+            members[info.header_offset + 30 + name_length + extra_length] = info.file_size
+    return members
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def _can_memory_map(path: Path) -> bool:
+    """Whether `path` is a zip checkpoint whose tensors each read exactly one whole uncompressed member.
+
+    Memory-mapped loading slices the file at the offsets and sizes the pickle claims, unchecked (a plain load
+    compares each size with its member's): the pickle is read once without data (`map_location="meta"`) to check.
+    """
+    if not zipfile.is_zipfile(path):
+        return False  # the legacy format cannot be mapped
+    members = _zip_members(path)
+    if members is None:
+        return False
+    for tensor in _tensors(torch.load(path, map_location="meta", weights_only=True)):
+        storage = tensor.untyped_storage()
+        offset = getattr(storage, "_checkpoint_offset", None)
+        if offset is None:  # a torch that does not record offsets: load into memory
+            return False
+        if members.get(offset) != storage.nbytes():
+            raise ValueError(f"a tensor's data ({storage.nbytes()} bytes at {offset}) is not one archive member")
+    return True
+
+
 def _torch_load(path: Path) -> Any:
     """`torch.load` restricted to tensors and plain containers (`weights_only`), memory-mapped when possible.
 
@@ -308,12 +363,7 @@ def _torch_load(path: Path) -> Any:
     try:
         with warnings.catch_warnings():  # e.g. "Detected pickle protocol 31": the error says it all
             warnings.simplefilter("ignore")
-            try:
-                return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except RuntimeError as error:
-                if "mmap" not in str(error):
-                    raise
-                return torch.load(path, map_location="cpu", weights_only=True)  # the legacy format cannot be mapped
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=_can_memory_map(path))
     except pickle.UnpicklingError as error:
         found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
         if found:
