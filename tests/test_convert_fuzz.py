@@ -23,7 +23,7 @@ from conftest import ROOT, run_python
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from official_format import official_state_dict
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from convert_checkpoints import main, rename_official_key
 
@@ -43,15 +43,9 @@ def serialize(content, container: str) -> bytes:
     """`content` as a `torch.save` zip archive, a legacy-format pickle, or safetensors (`model.` keys)."""
     buffer = io.BytesIO()
     if container == "safetensors":
-        return _safetensors_bytes({f"model.{key}": tensor for key, tensor in content["model"].items()})
+        return save({f"model.{key}": tensor for key, tensor in content["model"].items()})
     torch.save(content, buffer, _use_new_zipfile_serialization=container == "zip")
     return buffer.getvalue()
-
-
-def _safetensors_bytes(tensors: dict[str, torch.Tensor]) -> bytes:
-    with tempfile.TemporaryDirectory() as folder:
-        save_file(tensors, Path(folder) / "weights.safetensors")
-        return (Path(folder) / "weights.safetensors").read_bytes()
 
 
 VALID = {container: serialize({"model": STATE_DICT}, container) for container in FORMATS}
