@@ -16,14 +16,17 @@ import ast
 import contextlib
 import functools
 import json
+import math
 import os
 import pickle
 import re
 import shutil
+import struct
 import sys
 import tempfile
+import warnings
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,13 +119,14 @@ def config_from_official_kwargs(kwargs: dict, **overrides) -> InternImageConfig:
         "dw_kernel_size": dw_kernel_size if dw_kernel_size is not None else 3,
         "offset_scale": kwargs.get("offset_scale", 1.0),
         "remove_center": bool(kwargs.get("remove_center", False)),
-        "center_feature_scale": kwargs.get("center_feature_scale", False),
+        "center_feature_scale": bool(kwargs.get("center_feature_scale", False)),
         "layer_scale_init_value": kwargs.get("layer_scale"),
-        "post_norm": kwargs.get("post_norm", False),
-        "res_post_norm": kwargs.get("res_post_norm", False),
+        "post_norm": bool(kwargs.get("post_norm", False)),
+        "res_post_norm": bool(kwargs.get("res_post_norm", False)),
         "stage3_post_norm_block_ids": (
             kwargs.get("level2_post_norm_block_ids") if kwargs.get("level2_post_norm", False) else None
         ),
+        "hidden_act": OFFICIAL_ACTIVATIONS[kwargs.get("act_layer", "GELU")],
         "drop_path_rate": kwargs.get("drop_path_rate", 0.2),
         "drop_path_type": kwargs.get("drop_path_type", "linear"),
         "hidden_dropout_prob": kwargs.get("drop_rate", 0.0),
@@ -136,11 +140,80 @@ def config_from_official_kwargs(kwargs: dict, **overrides) -> InternImageConfig:
 
 # ----------------------------------------------------------------------------------------------- official configs
 
+OFFICIAL_ACTIVATIONS = {"GELU": "gelu", "ReLU": "relu", "SiLU": "silu"}
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return (_is_int(value) or isinstance(value, float)) and math.isfinite(value)
+
+
+def _is_flag(value: Any) -> bool:
+    return isinstance(value, bool) or value in (0, 1) and _is_int(value)
+
+
+def _is_int_list(value: Any, minimum: int, maximum: int | None = None) -> bool:
+    return isinstance(value, list) and all(
+        _is_int(item) and minimum <= item and (maximum is None or item <= maximum) for item in value
+    )
+
+
+# The official `InternImage` constructor's arguments (classification/models/intern_image.py L554-578): what each
+# must be, as a test and its description.
+OFFICIAL_KWARGS: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "core_op": (lambda v: v in ("DCNv3", "DCNv3_pytorch"), "'DCNv3' or 'DCNv3_pytorch'"),
+    "channels": (lambda v: _is_int(v) and 2 <= v <= 2**16, "an integer from 2 to 65536"),
+    "depths": (lambda v: _is_int_list(v, 0, 1024) and 0 < len(v) <= 16, "a list of 1 to 16 integers from 0 to 1024"),
+    "groups": (lambda v: _is_int_list(v, 1, 2**16) and 0 < len(v) <= 16, "a list of 1 to 16 integers >= 1"),
+    "num_classes": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
+    "mlp_ratio": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "drop_rate": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "drop_path_rate": (lambda v: _is_number(v) and 0 <= v <= 1, "a number in [0, 1]"),
+    "drop_path_type": (lambda v: v in ("linear", "uniform"), "'linear' or 'uniform'"),
+    "act_layer": (lambda v: v in OFFICIAL_ACTIVATIONS, f"one of {', '.join(OFFICIAL_ACTIVATIONS)}"),
+    "norm_layer": (lambda v: v == "LN", "'LN' (the only norm of the released models)"),
+    "layer_scale": (lambda v: v is None or _is_number(v), "null or a number"),
+    "offset_scale": (lambda v: _is_number(v), "a number"),
+    "post_norm": (_is_flag, "a boolean"),
+    "cls_scale": (lambda v: _is_number(v) and v > 0, "a number > 0"),
+    "with_cp": (_is_flag, "a boolean"),
+    "dw_kernel_size": (lambda v: v is None or _is_int(v) and v > 0 and v % 2 == 1, "null or an odd integer > 0"),
+    "use_clip_projector": (_is_flag, "a boolean"),
+    "level2_post_norm": (_is_flag, "a boolean"),
+    "level2_post_norm_block_ids": (lambda v: v is None or _is_int_list(v, 0), "null or a list of integers >= 0"),
+    "res_post_norm": (_is_flag, "a boolean"),
+    "center_feature_scale": (_is_flag, "a boolean"),
+    "remove_center": (_is_flag, "a boolean"),
+}
+
+
+def check_official_kwargs(kwargs: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """`kwargs` if they are valid arguments of the official constructor, else a `ConversionError` naming the
+    first wrong one (`source` says where they came from)."""
+    for name, value in kwargs.items():
+        if name not in OFFICIAL_KWARGS:
+            raise ConversionError(
+                f"{source}: unknown constructor argument {name!r}; the official InternImage constructor takes"
+                f" {', '.join(OFFICIAL_KWARGS)}"
+            )
+        test, description = OFFICIAL_KWARGS[name]
+        if not test(value):
+            raise ConversionError(f"{source}: {name} must be {description}, got {_short_repr(value)}")
+    return dict(kwargs)
+
+
+def _short_repr(value: Any, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 def _literal(value: Any) -> Any:
     """Decode a YAML scalar the way yacs does (`"1e-5"` -> 1e-05, `"None"` -> None)."""
     if isinstance(value, str):
-        with contextlib.suppress(ValueError, SyntaxError):
+        with contextlib.suppress(ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
             return ast.literal_eval(value)
     return value
 
@@ -155,64 +228,144 @@ _YAML_TO_KWARGS = {
 }
 
 
+def _read_text(path: Path, what: str) -> str:
+    if not path.is_file():
+        raise ConversionError(f"{what} {path} does not exist or is not a file")
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConversionError(f"{what} {path} is not a text file (not UTF-8)") from None
+    except OSError as error:
+        raise ConversionError(f"{what} {path} cannot be read: {error.strerror or error}") from None
+
+
 def read_official_config(path: str | os.PathLike) -> tuple[dict[str, Any], int | None]:
     """Official constructor kwargs and image size from a training YAML or a JSON of constructor kwargs.
 
-    Returns `(kwargs, image_size)`; `image_size` is `None` when the file does not give one.
+    Returns `(kwargs, image_size)`; `image_size` is `None` when the file does not give one. In a YAML, only
+    `MODEL.INTERN_IMAGE.*`, `MODEL.NUM_CLASSES`, `MODEL.DROP_PATH_RATE` and `DATA.IMG_SIZE` are read (the rest of a
+    training configuration does not concern the architecture); a JSON holds nothing but constructor kwargs.
     """
     path = Path(path)
-    if not path.is_file():
-        raise ConversionError(f"--official-config {path} does not exist")
-    text = path.read_text()
+    source = f"--official-config {path}"
+    text = _read_text(path, "--official-config")
     if path.suffix == ".json":
         try:
             kwargs = json.loads(text)
-        except json.JSONDecodeError as error:
-            raise ConversionError(f"--official-config {path} is not valid JSON: {error}") from None
+        except (ValueError, RecursionError) as error:
+            raise ConversionError(f"{source} is not valid JSON: {error}") from None
         if isinstance(kwargs, dict) and isinstance(kwargs.get("kwargs"), dict):
             kwargs = kwargs["kwargs"]
         if not isinstance(kwargs, dict) or "channels" not in kwargs:
             raise ConversionError(
-                f"--official-config {path} must hold the official InternImage constructor kwargs (a JSON object"
-                " with 'channels', 'depths', 'groups', ...)"
+                f"{source} must hold the official InternImage constructor kwargs (a JSON object with 'channels',"
+                " 'depths', 'groups', ...)"
             )
-        return kwargs, None
+        return check_official_kwargs(kwargs, source), None
     import yaml
 
     try:
-        document = yaml.safe_load(text) or {}
-    except yaml.YAMLError as error:
-        raise ConversionError(f"--official-config {path} is not valid YAML: {error}") from None
-    model = document.get("MODEL", {}) if isinstance(document, dict) else {}
+        document = yaml.safe_load(text)
+    except Exception as error:  # PyYAML also raises ValueError (bad dates), RecursionError, ...
+        raise ConversionError(f"{source} is not valid YAML: {error}") from None
+    model = document.get("MODEL") if isinstance(document, dict) else None
     arch = model.get("INTERN_IMAGE") if isinstance(model, dict) else None
     if not isinstance(arch, dict):
         raise ConversionError(
-            f"--official-config {path} has no MODEL.INTERN_IMAGE section; pass an official training YAML"
+            f"{source} has no MODEL.INTERN_IMAGE section; pass an official training YAML"
             " (classification/configs/*.yaml) or a JSON of constructor kwargs"
         )
-    kwargs = {_YAML_TO_KWARGS[key]: _literal(value) for key, value in arch.items() if key in _YAML_TO_KWARGS}
+    unknown = sorted(str(key) for key in arch if key not in _YAML_TO_KWARGS)
+    if unknown:
+        raise ConversionError(
+            f"{source}: unknown MODEL.INTERN_IMAGE keys {', '.join(unknown)}; the official configuration has"
+            f" {', '.join(_YAML_TO_KWARGS)}"
+        )
+    kwargs = {_YAML_TO_KWARGS[key]: _literal(value) for key, value in arch.items()}
     if "NUM_CLASSES" in model:
         kwargs["num_classes"] = _literal(model["NUM_CLASSES"])
     if "DROP_PATH_RATE" in model:
         kwargs["drop_path_rate"] = _literal(model["DROP_PATH_RATE"])
-    image_size = (document.get("DATA") or {}).get("IMG_SIZE")
-    return kwargs, _literal(image_size)
+    data = document.get("DATA")
+    image_size = _literal(data.get("IMG_SIZE")) if isinstance(data, dict) else None
+    if image_size is not None and not (_is_int(image_size) and image_size > 0):
+        raise ConversionError(f"{source}: DATA.IMG_SIZE must be a positive integer, got {_short_repr(image_size)}")
+    return check_official_kwargs(kwargs, source), image_size
 
 
 # ----------------------------------------------------------------------------------------------- loading
 
 
+def _first_line(error: BaseException, limit: int = 200) -> str:
+    text = " ".join(str(error).split(". ")[0].split()) or type(error).__name__
+    return f"{type(error).__name__}: {text[:limit]}"
+
+
+def _zip_members(path: Path) -> dict[int, int] | None:
+    """The data offset and size of every member of a zip checkpoint, or `None` if one is compressed.
+
+    Each member's local header must match the central directory (memory-mapped `torch.load` trusts the directory's
+    offsets unchecked), and no member may be marked as a directory (a plain load reads those as uninitialised memory).
+    """
+    members = {}
+    with zipfile.ZipFile(path) as archive, path.open("rb") as handle:
+        for info in archive.infolist():
+            if info.filename.endswith("/") or info.external_attr & 0x10 or info.flag_bits & 0x1:
+                raise ValueError(f"member {info.filename!r} is marked as a directory or encrypted")
+            with archive.open(info):  # checks the local header: signature, and the name in the directory
+                pass
+            if info.compress_type != zipfile.ZIP_STORED:
+                return None
+            handle.seek(info.header_offset + 26)
+            name_length, extra_length = struct.unpack("<HH", handle.read(4))
+            members[info.header_offset + 30 + name_length + extra_length] = info.file_size
+    return members
+
+
+def _tensors(value: Any) -> Iterator[torch.Tensor]:
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            yield from _tensors(item)
+    elif isinstance(value, (list, tuple)):
+        for item in value:
+            yield from _tensors(item)
+
+
+def _can_memory_map(path: Path) -> bool:
+    """Whether `path` is a zip checkpoint whose tensors each read exactly one whole uncompressed member.
+
+    Memory-mapped loading slices the file at the offsets and sizes the pickle claims, unchecked (a plain load
+    compares each size with its member's): the pickle is read once without data (`map_location="meta"`) to check.
+    """
+    if not zipfile.is_zipfile(path):
+        return False  # the legacy format cannot be mapped
+    members = _zip_members(path)
+    if members is None:
+        return False
+    for tensor in _tensors(torch.load(path, map_location="meta", weights_only=True)):
+        storage = tensor.untyped_storage()
+        offset = getattr(storage, "_checkpoint_offset", None)
+        if offset is None:  # a torch that does not record offsets: load into memory
+            return False
+        if members.get(offset) != storage.nbytes():
+            raise ValueError(f"a tensor's data ({storage.nbytes()} bytes at {offset}) is not one archive member")
+    return True
+
+
 def _torch_load(path: Path) -> Any:
+    """`torch.load` restricted to tensors and plain containers (`weights_only`), memory-mapped when possible.
+
+    The file is untrusted input: whatever goes wrong while reading it (the restricted unpickler raises `KeyError`,
+    `IndexError`, ... on corrupted pickles) means the file is not a readable checkpoint.
+    """
     try:
-        try:
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-        except RuntimeError as error:
-            if "mmap" not in str(error):
-                raise
-            return torch.load(path, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # e.g. "Detected pickle protocol 31": the error says it all
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=_can_memory_map(path))
     except pickle.UnpicklingError as error:
-        message = str(error)
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
         if found:
             raise ConversionError(
                 f"{path} needs Python code to unpickle ({found.group(1)}); it was not loaded, because loading it"
@@ -220,23 +373,23 @@ def _torch_load(path: Path) -> Any:
                 " `torch.save(torch.load(path, weights_only=False)['model'], 'weights.pth')` and convert that"
             ) from None
         raise ConversionError(
-            f"{path} is not a readable PyTorch checkpoint (neither a torch.save zip archive nor a pickle of tensors)"
+            f"{path} is not a readable PyTorch checkpoint (neither a torch.save zip archive nor a pickle of tensors:"
+            f" {_first_line(error)})"
         ) from None
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as error:
-        detail = str(error).split(". ")[0] if str(error) else type(error).__name__
+    except Exception as error:
         raise ConversionError(
-            f"{path} is not a readable PyTorch checkpoint (truncated, corrupted or another format: {detail})"
+            f"{path} is not a readable PyTorch checkpoint (truncated, corrupted or another format:"
+            f" {_first_line(error)})"
         ) from None
 
 
 def _safetensors_load(path: Path) -> dict[str, torch.Tensor]:
-    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     try:
         return load_file(path)
-    except (SafetensorError, OSError, ValueError) as error:
-        raise ConversionError(f"{path} is not a readable safetensors file ({error})") from None
+    except Exception as error:  # untrusted input, as in `_torch_load`
+        raise ConversionError(f"{path} is not a readable safetensors file ({_first_line(error)})") from None
 
 
 @dataclass
@@ -260,56 +413,87 @@ def _strip_prefix(state_dict: Mapping[str, torch.Tensor], prefix: str) -> dict[s
     return dict(state_dict)
 
 
-def load_official_checkpoint(path: str | os.PathLike) -> SourceCheckpoint:
-    """Read a checkpoint file without executing code and return its weights under official key names."""
+# Entries of a training checkpoint that hold weights, in the order they are chosen (`--ema` puts `model_ema` first).
+WEIGHT_ENTRIES = {
+    "model": "classification checkpoint ('model')",
+    "module": "DeepSpeed checkpoint ('module')",
+    "model_ema": "EMA weights ('model_ema')",
+}
+
+
+def _select_weights(loaded: Any, path: Path, ema: bool) -> tuple[Any, str, list[str]]:
+    """The state dict inside a loaded checkpoint, a description of where it was, and the keys left out."""
+    if not isinstance(loaded, Mapping):
+        return loaded, "state dict", []
+    if ema and not isinstance(loaded.get("model_ema"), Mapping):
+        raise ConversionError(f"{path} has no 'model_ema' entry (found {_describe_keys(loaded)}); drop --ema")
+    order = ["model_ema", "model", "module"] if ema else list(WEIGHT_ENTRIES)
+    for entry in order:
+        if isinstance(loaded.get(entry), Mapping):
+            source_format = WEIGHT_ENTRIES[entry]
+            if entry == "model" and isinstance(loaded.get("model_ema"), Mapping):
+                source_format += "; its 'model_ema' weights were not used (--ema converts those)"
+            return loaded[entry], source_format, []
+    full = loaded.get("state_dict")
+    if not isinstance(full, Mapping):
+        return loaded, "state dict", []
+    if not _is_tensor_dict(full):
+        raise ConversionError(f"{path} holds a 'state_dict' that is not a dict of named tensors")
+    backbone = {key[len("backbone."):]: value for key, value in full.items() if key.startswith("backbone.")}
+    if not backbone:
+        raise ConversionError(
+            f"{path} holds a 'state_dict' without 'backbone.' keys; it is not an InternImage detection or"
+            " segmentation checkpoint"
+        )
+    ignored = sorted(key for key in full if not key.startswith("backbone."))
+    return backbone, "detection/segmentation checkpoint ('state_dict', backbone only)", ignored
+
+
+def _describe_keys(mapping: Mapping, limit: int = 10) -> str:
+    keys = sorted(_short_repr(key, 40) for key in mapping)
+    return "keys " + ", ".join(keys[:limit]) + (", ..." if len(keys) > limit else "") if keys else "an empty dict"
+
+
+def load_official_checkpoint(path: str | os.PathLike, ema: bool = False) -> SourceCheckpoint:
+    """Read a checkpoint file without executing code and return its weights under official key names.
+
+    A training checkpoint holding both `model` and `model_ema` gives `model` (what the official code evaluates and
+    releases), or `model_ema` with `ema=True`.
+    """
     path = Path(path)
     if not path.exists():
         raise ConversionError(f"input checkpoint {path} does not exist")
     if not path.is_file():
         raise ConversionError(f"input checkpoint {path} is not a file")
-    if path.stat().st_size == 0:
+    try:
+        with path.open("rb") as handle:
+            magic = handle.read(16)
+    except OSError as error:
+        raise ConversionError(f"input checkpoint {path} cannot be read: {error.strerror or error}") from None
+    if not magic:
         raise ConversionError(f"input checkpoint {path} is empty")
-    with path.open("rb") as handle:
-        magic = handle.read(16)
     is_safetensors = path.suffix == ".safetensors" or (magic[8:9] == b"{" and not magic.startswith(b"PK"))
     loaded = _safetensors_load(path) if is_safetensors else _torch_load(path)
 
-    ignored: list[str] = []
-    if isinstance(loaded, Mapping) and isinstance(loaded.get("model"), Mapping):
-        state_dict, source_format = loaded["model"], "classification checkpoint ('model')"
-    elif isinstance(loaded, Mapping) and isinstance(loaded.get("module"), Mapping):
-        state_dict, source_format = loaded["module"], "DeepSpeed checkpoint ('module')"
-    elif isinstance(loaded, Mapping) and isinstance(loaded.get("model_ema"), Mapping):
-        state_dict, source_format = loaded["model_ema"], "EMA weights ('model_ema')"
-    elif isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
-        full = loaded["state_dict"]
-        state_dict = {key[len("backbone."):]: value for key, value in full.items() if key.startswith("backbone.")}
-        ignored = sorted(key for key in full if not key.startswith("backbone."))
-        source_format = "detection/segmentation checkpoint ('state_dict', backbone only)"
-        if not state_dict:
-            raise ConversionError(
-                f"{path} holds a 'state_dict' without 'backbone.' keys; it is not an InternImage detection or"
-                " segmentation checkpoint"
-            )
-    else:
-        state_dict, source_format = loaded, "state dict"
+    state_dict, source_format, ignored = _select_weights(loaded, path, ema)
     if not _is_tensor_dict(state_dict):
-        found = sorted(loaded)[:10] if isinstance(loaded, Mapping) else type(loaded).__name__
+        found = _describe_keys(loaded) if isinstance(loaded, Mapping) else f"a {type(loaded).__name__}"
         raise ConversionError(
-            f"{path} holds no state dict of tensors (found {found}); expected an InternImage checkpoint with a"
-            " 'model', 'module', 'model_ema' or 'state_dict' entry, or a bare state dict"
+            f"{path} holds no state dict of named tensors (found {found}); expected an InternImage checkpoint with"
+            " a 'model', 'module', 'model_ema' or 'state_dict' entry, or a bare state dict"
         )
     state_dict = _strip_prefix(_strip_prefix(state_dict, "module."), "backbone.")
     if any(key.startswith("model.") for key in state_dict):
         state_dict = _strip_prefix(state_dict, "model.")
         source_format = "OpenGVLab Hub weights ('model.' prefix)"
-    state_dict = {
-        re.sub(r"\.layer_scale(\d)$", r".gamma\1", key): tensor for key, tensor in state_dict.items()
-    }
+    renamed = {re.sub(r"\.layer_scale(\d)$", r".gamma\1", key): tensor for key, tensor in state_dict.items()}
+    if len(renamed) != len(state_dict):
+        raise ConversionError(f"{path} holds both `gammaN` and `layer_scaleN` for the same layer scale")
+    state_dict = renamed
     if all(rename_official_key(key) is None for key in state_dict):
         raise ConversionError(
             f"{path} holds no InternImage weights: none of its {len(state_dict)} keys"
-            f" ({', '.join(sorted(state_dict)[:5])}, ...) is an InternImage parameter name"
+            f" ({_describe_keys(state_dict, 5)}) is an InternImage parameter name"
         )
     return SourceCheckpoint(state_dict, source_format, ignored)
 
@@ -338,6 +522,40 @@ def expected_shapes(config: InternImageConfig) -> dict[str, torch.Size]:
     model = build_empty_model(config)
     prefix = "internimage." if config.pooler_type is None else ""
     return {prefix + key: tensor.shape for key, tensor in model.state_dict().items()}
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def prepare_tensors(
+    state_dict: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor], dtype: torch.dtype
+) -> dict[str, torch.Tensor]:
+    """The tensors to write: floating-point ones cast to `dtype` (whatever floating dtype the checkpoint stored),
+    integer buffers (`num_batches_tracked`) in their own dtype; each dense, contiguous and owning its memory.
+
+    `expected` maps the same keys to the model's tensors (meta tensors do), whose dtypes say which kind each is.
+    """
+    prepared: dict[str, torch.Tensor] = {}
+    storages: set[int] = set()
+    for key in _progress(list(state_dict), "Preparing tensors", _size_in_bytes(state_dict)):
+        tensor, wanted = state_dict[key], expected[key].dtype
+        if tensor.layout != torch.strided or tensor.is_quantized or tensor.device.type != "cpu":
+            raise ConversionError(
+                f"checkpoint tensor {key} is not a dense tensor in memory ({tensor.layout}, {tensor.device}"
+                f"{', quantized' if tensor.is_quantized else ''})"
+            )
+        integer = not (tensor.is_floating_point() or tensor.is_complex() or tensor.dtype == torch.bool)
+        if (wanted.is_floating_point and not tensor.is_floating_point()) or (
+            not wanted.is_floating_point and not integer
+        ):
+            kind = "floating-point" if wanted.is_floating_point else "integer"
+            raise ConversionError(f"checkpoint tensor {key} has dtype {tensor.dtype}; a {kind} tensor is expected")
+        tensor = tensor.detach().to(dtype if wanted.is_floating_point else wanted).contiguous()
+        if tensor.untyped_storage().data_ptr() in storages:  # entries sharing memory are written separately
+            tensor = tensor.clone()
+        storages.add(tensor.untyped_storage().data_ptr())
+        prepared[key] = tensor
+    return prepared
 
 
 @dataclass
@@ -386,21 +604,39 @@ def compare_keys(official: Mapping[str, Any], expected: Mapping[str, torch.Size]
     return renames, KeyReport(missing, unexpected, mismatched)
 
 
+def visible_architecture(official: Mapping[str, Any]) -> tuple[int | None, list[int], int | None]:
+    """What the tensor names and shapes of an official state dict show: stem width (`channels`), blocks per stage
+    (`depths`) and classifier rows; `None` where the checkpoint does not tell."""
+    stem, head = official.get("patch_embed.conv2.weight"), official.get("head.weight")
+    levels: dict[int, int] = {}
+    for key in official:
+        found = re.match(r"levels\.([0-9]+)\.(?:blocks\.([0-9]+)\.)?", key)
+        if found:
+            level = int(found.group(1))
+            levels[level] = max(levels.get(level, 0), int(found.group(2)) + 1 if found.group(2) else 0)
+    depths = [levels.get(level, 0) for level in range(max(levels) + 1)] if levels and max(levels) < 64 else []
+    channels = stem.shape[0] if stem is not None and stem.ndim == 4 else None
+    classes = head.shape[0] if head is not None and head.ndim == 2 else None
+    return channels, depths, classes
+
+
 def describe_architecture(official: Mapping[str, Any]) -> str:
     """Short description of the architecture visible in an official state dict, for error messages."""
-    stem = official.get("patch_embed.conv2.weight")
-    blocks: dict[int, int] = {}
-    for key in official:
-        found = re.match(r"levels\.(\d+)\.blocks\.(\d+)\.", key)
-        if found:
-            stage, block = int(found.group(1)), int(found.group(2))
-            blocks[stage] = max(blocks.get(stage, 0), block + 1)
-    depths = [blocks[stage] for stage in sorted(blocks)]
-    head = official.get("head.weight")
-    return (
-        f"channels {stem.shape[0] if stem is not None else '?'}, depths {depths}, "
-        f"{head.shape[0] if head is not None else 'no'} classes"
-    )
+    channels, depths, classes = visible_architecture(official)
+    return f"channels {channels or '?'}, depths {depths}, {classes if classes is not None else 'no'} classes"
+
+
+def _check_kwargs_fit(kwargs: Mapping[str, Any], official: Mapping[str, Any], source: str) -> None:
+    """Stop early (before building anything of that size) when the configuration's widths, depths or class count
+    are not the checkpoint's."""
+    channels, depths, classes = visible_architecture(official)
+    found = {"channels": channels, "depths": depths or None, "num_classes": classes}
+    for name, value in found.items():
+        if value is not None and name in kwargs and kwargs[name] != value:
+            raise ConversionError(
+                f"{source} gives {name} {_short_repr(kwargs[name])} but the checkpoint has {value}: the file does not"
+                " describe this checkpoint"
+            )
 
 
 def has_classifier(official: Mapping[str, Any]) -> bool:
@@ -541,6 +777,14 @@ def write_json(path: Path, content: dict[str, Any]) -> None:
     path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
 
 
+# UperNet on the folder's backbone with its weights (the README's "Dense prediction backbone" lines).
+DENSE_PREDICTION_LINES = (
+    "encoder = AutoModel.from_pretrained(model_name, trust_remote_code=True, pooler_type=None)  # stem and stages",
+    "segmenter = UperNetForSemanticSegmentation(UperNetConfig(backbone_config=encoder.config, num_labels=150))",
+    "segmenter.backbone.load_state_dict(encoder.state_dict())  # the pretrained backbone weights",
+)
+
+
 def write_model_card(path: Path, config: InternImageConfig, variant: str | None, notes: list[str]) -> None:
     """A README.md with Hub metadata, usage and the published numbers of the release."""
     is_classifier = config.pooler_type is not None
@@ -599,6 +843,19 @@ def write_model_card(path: Path, config: InternImageConfig, variant: str | None,
             "print(classifier.config.id2label[logits.argmax(-1).item()])",
         ]
     lines += ["```", ""]
+    lines += [
+        "## Dense prediction",
+        "",
+        "UperNet, Mask2Former and the other models that build their backbone with `load_backbone` take this one with"
+        " its pretrained weights:",
+        "",
+        "```python",
+        "from transformers import AutoModel, UperNetConfig, UperNetForSemanticSegmentation",
+        "",
+        *DENSE_PREDICTION_LINES,
+        "```",
+        "",
+    ]
     path.write_text("\n".join(lines))
 
 
@@ -617,24 +874,30 @@ def write_repo_metadata(output_dir: str | os.PathLike, variant: str = "internima
 
 def _comparable_outputs(model: torch.nn.Module, pixel_values: torch.Tensor) -> list[torch.Tensor]:
     with torch.no_grad():
-        outputs = model(pixel_values.to(next(model.parameters()).dtype), output_hidden_states=True)
+        outputs = model(pixel_values, output_hidden_states=True)
     first = outputs.logits if hasattr(outputs, "logits") else outputs.last_hidden_state
     return [first, *outputs.hidden_states]
 
 
 def verify_by_reload(folder: Path, model: torch.nn.Module) -> None:
-    """Reload `folder` through the Auto classes (remote code, offline) and check that its outputs equal the
-    in-memory model's on a random input."""
+    """Reload `folder` through the Auto classes (remote code, offline, default arguments) and check that it loads
+    in the model's dtype and that its outputs equal the in-memory model's on a random input."""
     from transformers import AutoModel, AutoModelForImageClassification
 
     auto_class = AutoModel if model.config.pooler_type is None else AutoModelForImageClassification
-    reloaded = auto_class.from_pretrained(folder, trust_remote_code=True, local_files_only=True).eval()
     generator = torch.Generator().manual_seed(0)
     pixel_values = torch.randn(1, 3, VERIFY_RESOLUTION, VERIFY_RESOLUTION, generator=generator)
-    expected, actual = _comparable_outputs(model.eval(), pixel_values), _comparable_outputs(reloaded, pixel_values)
+    try:
+        reloaded = auto_class.from_pretrained(folder, trust_remote_code=True, local_files_only=True).eval()
+        expected, actual = _comparable_outputs(model.eval(), pixel_values), _comparable_outputs(reloaded, pixel_values)
+    except Exception as error:  # e.g. weights that make the forward fail: the folder is not verified
+        raise ConversionError(f"verification failed: the written folder does not run ({_first_line(error)})") from None
+    if reloaded.dtype != model.dtype:
+        raise ConversionError(f"verification failed: the folder loads as {reloaded.dtype}, not {model.dtype}")
     for index, (want, got) in enumerate(zip(expected, actual)):
-        # Same weights and code; only the memory layout of the weights may change the rounding.
-        if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-5, atol=1e-5):
+        # Same weights and code; only the memory layout of the weights may change the rounding. Non-finite weights
+        # (a checkpoint may hold them) give non-finite outputs at the same places.
+        if want.shape != got.shape or not torch.allclose(want, got, rtol=1e-5, atol=1e-5, equal_nan=True):
             raise ConversionError(
                 f"verification failed: output {index} of the reloaded folder differs from the converted model"
                 f" (max abs difference {(want - got).abs().max().item():.3g})"
@@ -649,11 +912,18 @@ def verify_tensors(folder: Path, state_dict: Mapping[str, torch.Tensor]) -> None
     for shard in sorted(folder.glob("*.safetensors")):
         with safe_open(shard, framework="pt") as handle:
             for key in _progress(list(handle.keys()), f"Verifying {shard.name}", _size_in_bytes(state_dict)):
-                if key not in state_dict or not torch.equal(handle.get_tensor(key), state_dict[key]):
+                if key not in state_dict or not _bitwise_equal(handle.get_tensor(key), state_dict[key]):
                     raise ConversionError(f"verification failed: written tensor {key} differs from the source")
                 seen.add(key)
     if seen != set(state_dict):
         raise ConversionError(f"verification failed: {len(set(state_dict) - seen)} tensors were not written")
+
+
+def _bitwise_equal(first: torch.Tensor, second: torch.Tensor) -> bool:
+    """Same dtype, shape and bytes (unlike `torch.equal`, NaN equals the same NaN)."""
+    if first.dtype != second.dtype or first.shape != second.shape:
+        return False
+    return torch.equal(first.contiguous().view(-1).view(torch.uint8), second.contiguous().view(-1).view(torch.uint8))
 
 
 # ----------------------------------------------------------------------------------------------- conversion
@@ -674,12 +944,15 @@ def _size_in_bytes(state_dict: Mapping[str, torch.Tensor]) -> int:
 
 @contextlib.contextmanager
 def _staging_folder(output_dir: Path, overwrite: bool) -> Iterator[Path]:
-    """A temporary folder next to `output_dir` that replaces it only when the block succeeds."""
+    """A temporary folder next to `output_dir` that replaces it only when the block succeeds; on failure nothing
+    is left, not even the parent folders this created."""
     if output_dir.exists() and (not output_dir.is_dir() or any(output_dir.iterdir())) and not overwrite:
         raise ConversionError(f"output folder {output_dir} exists and is not empty; pass --overwrite to replace it")
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix="_internimage_convert_", dir=output_dir.parent))
+    created = [parent for parent in output_dir.absolute().parents if not parent.exists()]
+    staging = None
     try:
+        output_dir.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix="_internimage_convert_", dir=output_dir.parent))
         yield staging
         if output_dir.exists():
             old = Path(tempfile.mkdtemp(prefix="_internimage_old_", dir=output_dir.parent))
@@ -688,8 +961,13 @@ def _staging_folder(output_dir: Path, overwrite: bool) -> Iterator[Path]:
             shutil.rmtree(old)
         else:
             os.replace(staging, output_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+    except BaseException:
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
+        for parent in created:  # deepest first
+            with contextlib.suppress(OSError):
+                parent.rmdir()
+        raise
 
 
 def _resolve_config(
@@ -705,10 +983,12 @@ def _resolve_config(
     overrides = {"image_size": image_size} if image_size is not None else {}
     if official_config is not None:
         kwargs, config_size = read_official_config(official_config)
+        _check_kwargs_fit(kwargs, official, f"--official-config {official_config}")
         if image_size is None:
             overrides["image_size"] = config_size or 224
-        if not has_classifier(official):
+        if not has_classifier(official):  # a backbone: the class count of the training run does not apply
             overrides["pooler_type"] = None
+            kwargs = {name: value for name, value in kwargs.items() if name != "num_classes"}
         try:
             return config_from_official_kwargs(kwargs, **overrides), None
         except (TypeError, ValueError) as error:
@@ -724,6 +1004,30 @@ def _resolve_config(
     return variant_config(variant, official, **overrides), variant
 
 
+def _empty_model(config: InternImageConfig, official_config: str | os.PathLike | None) -> torch.nn.Module:
+    """`build_empty_model(config)`; a configuration read from a file that cannot be built is that file's error."""
+    try:
+        return build_empty_model(config)
+    except Exception as error:
+        if official_config is None:
+            raise
+        raise ConversionError(
+            f"--official-config {official_config}: no model can be built from it ({_first_line(error)})"
+        ) from None
+
+
+def _precision_note(official: Mapping[str, torch.Tensor], dtype: str) -> str:
+    """What the model card says about the stored precision."""
+    stored = sorted({str(t.dtype).removeprefix("torch.") for t in official.values() if t.is_floating_point()})
+    note = f"Weights: stored in {dtype} (the source checkpoint held {', '.join(stored) or 'no floating-point'} tensors)"
+    if dtype == "float32":
+        return note + "; they load and compute in float32 by default, as the official code runs them."
+    return (
+        note + f"; they load and compute in {dtype} by default. For the official float32 numbers, load with"
+        " `dtype=torch.float32`."
+    )
+
+
 def convert_checkpoint(
     input_path: str | os.PathLike,
     output_dir: str | os.PathLike,
@@ -735,16 +1039,23 @@ def convert_checkpoint(
     overwrite: bool = False,
     max_shard_size: str | int = "2GB",
     push_to_hub: str | None = None,
+    dtype: str = "float32",
+    ema: bool = False,
 ) -> Path:
     """Convert an official InternImage checkpoint into a Hub-ready folder and return the folder.
 
     The architecture comes from `official_config` (training YAML or constructor-kwargs JSON), from `variant`, or is
-    detected from the tensor shapes. `head_1k` reduces a 22k head (21841 classes) to ImageNet-1k. The folder holds
+    detected from the tensor shapes. `head_1k` reduces a 22k head (21841 classes) to ImageNet-1k. The weights are
+    stored, and load by default, in `dtype` ("float32", "float16" or "bfloat16"), whatever floating dtypes the
+    checkpoint holds: the default float32 computes as the official code, which loads any checkpoint into a float32
+    model. `ema` takes a training checkpoint's `model_ema` weights instead of its `model`. The folder holds
     `model.safetensors` (sharded above `max_shard_size`), `config.json` with `auto_map`, the model code,
     `preprocessor_config.json` and a model card; it is written next to `output_dir` and renamed at the end.
     """
+    if dtype not in DTYPES:
+        raise ConversionError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
     input_path, output_dir = Path(input_path), Path(output_dir)
-    source = load_official_checkpoint(input_path)
+    source = load_official_checkpoint(input_path, ema=ema)
     official = source.state_dict
     config, variant = _resolve_config(official, input_path, variant, official_config, image_size)
     notes = [f"Source: `{input_path.name}` ({source.source_format})."]
@@ -752,39 +1063,41 @@ def convert_checkpoint(
         logger.warning(f"Ignoring {len(source.ignored_keys)} non-backbone tensors (e.g. {source.ignored_keys[0]})")
         notes.append(f"{len(source.ignored_keys)} non-backbone tensors of the source (neck, heads) were left out.")
     if head_1k:
-        if official.get("head.weight") is None or official["head.weight"].shape[0] != NUM_LABELS["imagenet-22k"]:
+        if visible_architecture(official)[2] != NUM_LABELS["imagenet-22k"] or "head.bias" not in official:
             raise ConversionError("--head-1k needs a checkpoint with an ImageNet-22k head (21841 classes)")
         rows = torch.tensor(imagenet_22k_to_1k_indices())
         official = {**official, "head.weight": official["head.weight"][rows], "head.bias": official["head.bias"][rows]}
         config.num_labels = NUM_LABELS["imagenet-1k"]
         notes.append("The ImageNet-22k head was reduced to the 1000 ImageNet-1k classes (rows of the same wnid).")
     finalize_config(config)
+    notes.append(_precision_note(official, dtype))
 
-    expected = expected_shapes(config)
-    renames, report = compare_keys(official, expected)
+    model = _empty_model(config, official_config)
+    prefix = "internimage." if config.pooler_type is None else ""
+    empty_state = model.state_dict()
+    renames, report = compare_keys(official, {prefix + key: tensor.shape for key, tensor in empty_state.items()})
     if report:
         raise ConversionError(f"the checkpoint does not fit the configuration: {report.describe()}")
-    prefix = "internimage." if config.pooler_type is None else ""
-    weight_bytes = _size_in_bytes(official)
-    state_dict = {
-        renames[key][len(prefix):]: official[key].contiguous()
-        for key in _progress(list(official), "Mapping tensors", weight_bytes)
-    }
-    model = build_empty_model(config)
+    renamed = {renames[key][len(prefix):]: official[key] for key in official}
+    state_dict = prepare_tensors(renamed, empty_state, DTYPES[dtype])
+    weight_bytes = _size_in_bytes(state_dict)
     model.load_state_dict(state_dict, strict=True, assign=True)
     model.eval()
 
-    with _staging_folder(output_dir, overwrite) as staging:
-        model.save_pretrained(staging, max_shard_size=max_shard_size)
-        for name in model_code_files():
-            shutil.copy2(CODE_DIR / name, staging / name)
-        write_json(staging / "preprocessor_config.json", preprocessor_config(config.image_size))
-        write_model_card(staging / "README.md", config, variant, notes)
-        if verify:
-            if weight_bytes > LARGE_CHECKPOINT_BYTES:
-                verify_tensors(staging, state_dict)
-            else:
-                verify_by_reload(staging, model)
+    try:
+        with _staging_folder(output_dir, overwrite) as staging:
+            model.save_pretrained(staging, max_shard_size=max_shard_size)
+            for name in model_code_files():
+                shutil.copy2(CODE_DIR / name, staging / name)
+            write_json(staging / "preprocessor_config.json", preprocessor_config(config.image_size))
+            write_model_card(staging / "README.md", config, variant, notes)
+            if verify:
+                if weight_bytes > LARGE_CHECKPOINT_BYTES:
+                    verify_tensors(staging, state_dict)
+                else:
+                    verify_by_reload(staging, model)
+    except OSError as error:
+        raise ConversionError(f"could not write {output_dir}: {error.strerror or error}") from None
     logger.info(f"Wrote {output_dir} ({variant or 'custom configuration'}, {len(state_dict)} tensors)")
     if push_to_hub:
         from huggingface_hub import HfApi
@@ -796,6 +1109,23 @@ def convert_checkpoint(
 
 
 # ----------------------------------------------------------------------------------------------- command line
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) == 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return int(text)
+
+
+def _shard_size(text: str) -> str | int:
+    from transformers.utils.hub import convert_file_size_to_int
+
+    if text.isdigit() and int(text) > 0:
+        return int(text)
+    with contextlib.suppress(ValueError):
+        if convert_file_size_to_int(text) > 0:
+            return text
+    raise argparse.ArgumentTypeError(f"expected a size such as 2GB, 500MB or 100000, got {text!r}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -815,12 +1145,29 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--official-config", metavar="FILE", help="official training YAML or JSON of the constructor kwargs"
     )
     parser.add_argument(
-        "--image-size", type=int, metavar="N", help="resolution of the weights (default: the release's, or 224)"
+        "--image-size",
+        type=_positive_int,
+        metavar="N",
+        help="resolution of the weights (default: the release's, or 224)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=list(DTYPES),
+        default="float32",
+        help="precision the weights are stored in and load in by default (default float32: the official numbers,"
+        " also for float16/bfloat16 checkpoints, whose values float32 holds exactly)",
+    )
+    parser.add_argument(
+        "--ema",
+        action="store_true",
+        help="convert the 'model_ema' weights of a training checkpoint (default: its 'model' weights)",
     )
     parser.add_argument("--head-1k", action="store_true", help="reduce an ImageNet-22k head to ImageNet-1k")
     parser.add_argument("--no-verify", action="store_true", help="skip reloading and comparing the written folder")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty OUTPUT_DIR")
-    parser.add_argument("--max-shard-size", default="2GB", metavar="SIZE", help="largest shard (default 2GB)")
+    parser.add_argument(
+        "--max-shard-size", default="2GB", type=_shard_size, metavar="SIZE", help="largest shard (default 2GB)"
+    )
     parser.add_argument("--push-to-hub", metavar="REPO_ID", help="upload the folder to this Hub repository")
     parser.add_argument(
         "--write-repo-config",
@@ -850,9 +1197,11 @@ def main(argv: list[str] | None = None) -> int:
             overwrite=args.overwrite,
             max_shard_size=args.max_shard_size,
             push_to_hub=args.push_to_hub,
+            dtype=args.dtype,
+            ema=args.ema,
         )
     except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(f"error: {' '.join(str(error).split())}", file=sys.stderr)  # always one line
         return 1
     except KeyboardInterrupt:
         print("error: interrupted; nothing was written", file=sys.stderr)

@@ -10,6 +10,7 @@ import math
 
 import torch
 from torch import nn
+from transformers import AutoBackbone
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.backbone_utils import BackboneMixin
@@ -87,6 +88,8 @@ class InternImageStem(nn.Module):
                 f"pixel_values must be (batch, {self.num_channels}, height, width), got {tuple(pixel_values.shape)};"
                 " make sure the channel dimension of the pixel values matches `num_channels` in the configuration"
             )
+        # A float16/bfloat16 model takes the image processor's float32 pixel values, as ViT and CLIP do.
+        pixel_values = pixel_values.to(self.conv1.weight.dtype)
         hidden_states = self.norm1(_to_channels_last(self.conv1(pixel_values)))
         hidden_states = self.act(_to_channels_first(hidden_states))
         return self.norm2(_to_channels_last(self.conv2(hidden_states)))
@@ -386,6 +389,13 @@ class InternImagePreTrainedModel(PreTrainedModel):
     _no_split_modules = ["InternImageLayer", "InternImageStem", "InternImageDownsample"]
     _supports_sdpa = False
 
+    def __init__(self, config: InternImageConfig, *inputs, **kwargs) -> None:
+        super().__init__(config, *inputs, **kwargs)
+        # `load_backbone` (UperNet, Mask2Former, ...) looks the backbone up in `AutoBackbone` by config class, without
+        # trusting remote code. A folder's config class (loaded by `AutoConfig`) is not this file's own copy of it,
+        # so map the class of every config a model is built from; other folders' configs are other classes.
+        AutoBackbone.register(type(config), InternImageBackbone, exist_ok=True)
+
     def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
         # For custom code, transformers treats a module without parameters of its own as already initialised; the
         # DCNv3 module has none but must re-initialise its children (zero offsets/masks, Xavier projections).
@@ -437,6 +447,9 @@ class InternImageModel(InternImagePreTrainedModel):
     downsampling. `hidden_states` are returned unless `output_hidden_states=False`. The returned maps are the
     tensors the rest of the network reads (`last_hidden_state` is the last of them), so gradients reach them.
     """
+
+    # The head of a classification folder (and its pooler, for a model built with `pooler_type=None`).
+    _keys_to_ignore_on_load_unexpected = [r"(^|\.)pooler\.", r"^classifier\."]
 
     def __init__(self, config: InternImageConfig) -> None:
         super().__init__(config)
@@ -592,6 +605,9 @@ class InternImageBackbone(BackboneMixin, InternImagePreTrainedModel):
             return (feature_maps, hidden_states) if output_hidden_states else (feature_maps,)
         return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states if output_hidden_states else None)
 
+
+# This file's own config class too, for configs built directly from it (see `InternImagePreTrainedModel.__init__`).
+AutoBackbone.register(InternImageConfig, InternImageBackbone, exist_ok=True)
 
 __all__ = [
     "InternImagePreTrainedModel",

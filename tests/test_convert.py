@@ -3,8 +3,13 @@ released architectures, the 22k -> 1k head and the errors on bad input."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import logging
 import re
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -536,3 +541,68 @@ def test_model_card_of_a_release(tmp_path):
     assert "pipeline_tag: image-classification" in header and "- imagenet-1k" in header and "license: mit" in header
     assert "88.0 % ImageNet-1k top-1, 335M parameters" in card and "Resolution: 384" in card
     assert "CLIPImageProcessor.from_pretrained(model_name)" in card
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Loading without noise
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def transformers_log() -> Iterator[io.StringIO]:
+    """What transformers logs (at its default verbosity, warnings and above) while the block runs."""
+    from transformers.utils import logging as hf_logging
+
+    stream = io.StringIO()
+    handler = logging.StreamHandler(stream)
+    root = hf_logging.get_logger("transformers")
+    root.addHandler(handler)
+    try:
+        yield stream
+    finally:
+        root.removeHandler(handler)
+
+
+def test_base_model_loads_a_classification_folder_silently(converted, tmp_path):
+    """The model card's example 1 (`AutoModel` on a classification folder) prints no LOAD REPORT for the
+    classifier it does not use; a folder with genuinely wrong tensors still reports them."""
+    from safetensors.torch import load_file, save_file
+    from transformers import AutoModel
+
+    with transformers_log() as log:
+        model = AutoModel.from_pretrained(converted["tiny_t"], trust_remote_code=True)
+    assert type(model).__name__ == "InternImageModel" and model.pooler is not None
+    assert "LOAD REPORT" not in log.getvalue() and "classifier" not in log.getvalue(), log.getvalue()
+
+    broken = tmp_path / "broken"
+    shutil.copytree(converted["tiny_t"], broken)
+    tensors = load_file(broken / "model.safetensors")
+    tensors["internimage.encoder.stages.0.extra"] = torch.ones(2)
+    del tensors["internimage.embeddings.conv1.bias"]
+    save_file(tensors, broken / "model.safetensors", metadata={"format": "pt"})
+    with transformers_log() as log:
+        AutoModel.from_pretrained(broken, trust_remote_code=True)
+    report = log.getvalue()
+    assert "LOAD REPORT" in report and "encoder.stages.0.extra" in report and "embeddings.conv1.bias" in report
+
+
+def test_model_and_model_ema_default_is_model(tmp_path, capsys):
+    """A training checkpoint with both: `model` by default (documented in the README), `--ema` takes the other."""
+    official = official_state_dict("tiny_t")
+    ema = {key: value + 0.5 if value.is_floating_point() else value for key, value in official.items()}
+    checkpoint = tmp_path / "ckpt_epoch_best.pth"
+    torch.save({"model": official, "model_ema": ema, "epoch": 300, "max_accuracy": 0.5}, checkpoint)
+    default = convert_fixture("tiny_t", checkpoint, tmp_path / "default")
+    taken = convert_fixture("tiny_t", checkpoint, tmp_path / "ema", ema=True)
+    for folder, source in ((default, official), (taken, ema)):
+        model = InternImageForImageClassification.from_pretrained(folder)
+        assert torch.equal(model.classifier.weight, source["head.weight"])
+        assert torch.equal(model.internimage.embeddings.conv1.weight, source["patch_embed.conv1.weight"])
+    assert "its 'model_ema' weights were not used (--ema converts those)" in (default / "README.md").read_text()
+    assert "EMA weights ('model_ema')" in (taken / "README.md").read_text()
+    assert "converts its `model` weights" in (ROOT / "README.md").read_text()
+
+    torch.save({"model": official}, tmp_path / "no_ema.pth")
+    options = ["--official-config", str(official_kwargs_file("tiny_t", tmp_path)), "--ema"]
+    assert main([str(tmp_path / "no_ema.pth"), str(tmp_path / "out"), *options]) == 1
+    assert "has no 'model_ema' entry (found keys 'model'); drop --ema" in capsys.readouterr().err
