@@ -832,8 +832,8 @@ def write_model_card(path: Path, config: InternImageConfig, variant: str | None,
         "image_processor = CLIPImageProcessor.from_pretrained(model_name)",
         'pixel_values = image_processor(images=Image.open("img.png"), return_tensors="pt").pixel_values',
         "",
-        "backbone = AutoModel.from_pretrained(model_name, trust_remote_code=True)",
-        "hidden_states = backbone(pixel_values).hidden_states  # four NCHW maps, strides 4, 8, 16, 32",
+        "encoder = AutoModel.from_pretrained(model_name, trust_remote_code=True)",
+        "hidden_states = encoder(pixel_values).hidden_states  # four NCHW maps, strides 4, 8, 16, 32",
     ]
     if is_classifier:
         lines += [
