@@ -777,12 +777,36 @@ def write_json(path: Path, content: dict[str, Any]) -> None:
     path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
 
 
-# UperNet on the folder's backbone with its weights (the README's "Dense prediction backbone" lines).
-DENSE_PREDICTION_LINES = (
-    "encoder = AutoModel.from_pretrained(model_name, trust_remote_code=True, pooler_type=None)  # stem and stages",
-    "segmenter = UperNetForSemanticSegmentation(UperNetConfig(backbone_config=encoder.config, num_labels=150))",
-    "segmenter.backbone.load_state_dict(encoder.state_dict())  # the pretrained backbone weights",
-)
+# The examples of README's "Usage" and "Dense prediction backbone" sections and of every converted folder's model
+# card, written once here: tests/test_docs.py checks that README shows them as written.
+USAGE_EXAMPLE = """\
+import torch
+from PIL import Image
+from transformers import AutoModel, AutoModelForImageClassification, CLIPImageProcessor
+
+model_name = "path/to/converted/folder"  # or its Hub repo id
+image_processor = CLIPImageProcessor.from_pretrained(model_name)
+pixel_values = image_processor(images=Image.open("path/to/image.jpg"), return_tensors="pt").pixel_values
+
+encoder = AutoModel.from_pretrained(model_name, trust_remote_code=True)
+hidden_states = encoder(pixel_values).hidden_states  # four NCHW maps, strides 4, 8, 16, 32
+"""
+CLASSIFIER_EXAMPLE = """
+classifier = AutoModelForImageClassification.from_pretrained(model_name, trust_remote_code=True)
+logits = classifier(pixel_values).logits
+print(classifier.config.id2label[logits.argmax(-1).item()])
+"""
+DENSE_PREDICTION_EXAMPLE = """\
+import torch
+from transformers import AutoModel, UperNetConfig, UperNetForSemanticSegmentation
+
+model_name = "path/to/converted/folder"  # or its Hub repo id
+encoder = AutoModel.from_pretrained(model_name, trust_remote_code=True, pooler_type=None)  # stem and stages
+segmenter = UperNetForSemanticSegmentation(UperNetConfig(backbone_config=encoder.config, num_labels=150))
+segmenter.backbone.load_state_dict(encoder.state_dict())  # the pretrained backbone weights
+feature_maps = segmenter.backbone(torch.randn(1, 3, 224, 224)).feature_maps  # 4 maps, backbone.channels channels
+segmentation_logits = segmenter.eval()(torch.randn(1, 3, 224, 224)).logits  # (1, 150, 224, 224)
+"""
 
 
 def write_model_card(path: Path, config: InternImageConfig, variant: str | None, notes: list[str]) -> None:
@@ -819,41 +843,13 @@ def write_model_card(path: Path, config: InternImageConfig, variant: str | None,
         top1 = f"{release['top1']} % ImageNet-1k top-1" if release["top1"] is not None else "no published top-1"
         lines.append(f"- Published: {top1}, {release['params']} parameters.")
     lines += [f"- {note}" for note in notes]
+    usage = USAGE_EXAMPLE + (CLASSIFIER_EXAMPLE if is_classifier else "")
+    lines += ["", "## Usage", "", f"```python\n{usage}```", "", "## Dense prediction", ""]
     lines += [
-        "",
-        "## Usage",
-        "",
-        "```python",
-        "import torch",
-        "from PIL import Image",
-        "from transformers import AutoModel, AutoModelForImageClassification, CLIPImageProcessor",
-        "",
-        'model_name = "path/to/this/folder"  # or its Hub repo id',
-        "image_processor = CLIPImageProcessor.from_pretrained(model_name)",
-        'pixel_values = image_processor(images=Image.open("img.png"), return_tensors="pt").pixel_values',
-        "",
-        "encoder = AutoModel.from_pretrained(model_name, trust_remote_code=True)",
-        "hidden_states = encoder(pixel_values).hidden_states  # four NCHW maps, strides 4, 8, 16, 32",
-    ]
-    if is_classifier:
-        lines += [
-            "",
-            "classifier = AutoModelForImageClassification.from_pretrained(model_name, trust_remote_code=True)",
-            "logits = classifier(pixel_values).logits",
-            "print(classifier.config.id2label[logits.argmax(-1).item()])",
-        ]
-    lines += ["```", ""]
-    lines += [
-        "## Dense prediction",
-        "",
         "UperNet, Mask2Former and the other models that build their backbone with `load_backbone` take this one with"
         " its pretrained weights:",
         "",
-        "```python",
-        "from transformers import AutoModel, UperNetConfig, UperNetForSemanticSegmentation",
-        "",
-        *DENSE_PREDICTION_LINES,
-        "```",
+        f"```python\n{DENSE_PREDICTION_EXAMPLE}```",
         "",
     ]
     path.write_text("\n".join(lines))

@@ -2,7 +2,8 @@
 """Train or fine-tune InternImage for image classification with the 🤗 `Trainer` and the official recipe.
 
 With no arguments it trains `internimage_digits` (a small InternImage, see `ARCHITECTURES`) on scikit-learn's
-handwritten digits (no download, CPU, a few minutes), evaluates it and saves it to `outputs/internimage-digits`:
+handwritten digits (no download, CPU; time and top-1 in benchmarks/RESULTS.md), evaluates it and saves it to
+`outputs/internimage-digits`:
 
     python train_classification.py
     python train_classification.py --data_path /data/imagenet --architecture internimage_t_1k_224   # official recipe
@@ -65,7 +66,7 @@ DATASET_ALIASES = {"imagenet-1k": "ILSVRC/imagenet-1k", "imagenet1k": "ILSVRC/im
 
 # Small named architectures for quick runs; the released ones come from `configuration_internimage.VARIANTS`.
 ARCHITECTURES = {
-    # 32x32 inputs, 0.4M parameters: trains on the embedded digits in about two minutes on 2 CPU cores.
+    # 32x32 inputs, 0.44M parameters: the default run on the embedded digits (time, top-1: benchmarks/RESULTS.md).
     "internimage_digits": {
         "channels": 16, "depths": [1, 1, 2, 1], "groups": [1, 2, 4, 8], "drop_path_rate": 0.0, "image_size": 32,
     },

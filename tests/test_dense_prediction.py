@@ -16,7 +16,7 @@ from pathlib import Path
 from conftest import FIXTURES, ROOT
 
 from configuration_internimage import InternImageConfig
-from convert_checkpoints import DENSE_PREDICTION_LINES, finalize_config, main, write_model_card
+from convert_checkpoints import DENSE_PREDICTION_EXAMPLE, finalize_config, main, write_model_card
 
 PLACEHOLDER = "path/to/converted/folder"
 REPO_ID = "me/internimage-tiny"
@@ -106,7 +106,7 @@ def test_readme_lines_are_three():
 def test_model_card_gives_the_same_lines(tmp_path):
     write_model_card(tmp_path / "README.md", finalize_config(InternImageConfig()), None, [])
     card = (tmp_path / "README.md").read_text()
-    assert all(line in card and line in readme_snippet() for line in DENSE_PREDICTION_LINES)
+    assert f"```python\n{DENSE_PREDICTION_EXAMPLE}```" in card and readme_snippet() == DENSE_PREDICTION_EXAMPLE
 
 
 def _hub_cache(hf_home: Path, folder: Path) -> None:

@@ -267,7 +267,7 @@ remote_backbone = AutoBackbone.from_config(remote_config, trust_remote_code=True
 results = {"remote_backbone": [type(remote_backbone).__module__, type(remote_backbone).__name__,
                                [list(f.shape) for f in remote_backbone(torch.zeros(1, 3, 64, 64)).feature_maps]]}
 # The backbone section runs last: after its `register_internimage()`, the Auto classes use the local classes.
-for heading in ("Pipelines", "Large variants and low-memory loading", "Half precision", "torch.compile",
+for heading in ("Usage", "Pipelines", "Large variants and low-memory loading", "Half precision", "torch.compile",
                 "Dense prediction backbone"):
     section = text.split("## " + heading + "\n", 1)[1].split("\n## ", 1)[0]
     for block in re.findall(r"```python\n(.*?)```", section, flags=re.S):
@@ -280,7 +280,9 @@ for heading in ("Pipelines", "Large variants and low-memory loading", "Half prec
         exec(compile(code, heading, "exec"), namespace)
         results.update({k: v for k, v in namespace.items() if k in (
             "predictions", "last_stage_map", "pooled_features")})
-        for key in ("feature_maps", "segmentation_logits", "half_logits", "compiled_logits"):
+        if heading == "Usage":
+            results["usage_logits"] = namespace["logits"].tolist()
+        for key in ("hidden_states", "feature_maps", "segmentation_logits", "half_logits", "compiled_logits"):
             if key in namespace:
                 value = namespace[key]
                 results[key] = [list(t.shape) for t in value] if isinstance(value, tuple) else list(value.shape)
@@ -323,6 +325,8 @@ def test_readme_snippets_and_pipelines(tmp_path):
         pooled = model.internimage(pixel_values.pixel_values).pooler_output
     torch.testing.assert_close(torch.tensor(results["pooled_features"]), pooled, rtol=1e-4, atol=1e-5)
     assert results["feature_maps"] == [[1, 16, 16, 16], [1, 32, 8, 8], [1, 64, 4, 4], [1, 128, 2, 2]]
+    assert results["hidden_states"] == results["feature_maps"]  # "Usage", on the same image size
+    torch.testing.assert_close(torch.tensor(results["usage_logits"])[0], logits, rtol=1e-4, atol=1e-5)
     assert results["segmentation_logits"] == [1, 150, 64, 64]
     assert results["half_logits"] == [1, 10] and results["compiled_logits"] == [1, 10]
     assert all(module.startswith("transformers_modules.") for module in results["classes"]), results["classes"]
