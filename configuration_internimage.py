@@ -59,6 +59,28 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 NUM_LABELS = {"imagenet-1k": 1000, "imagenet-22k": 21841}
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def evaluation_transform(image_size: int) -> dict[str, Any]:
+    """`CLIPImageProcessor` arguments of the official evaluation transform (`classification/dataset/build.py`
+    L274-296): the short side resized to `image_size` (bicubic, crop ratio 1.0), a centre crop, ImageNet mean/std."""
+    return {
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"shortest_edge": image_size},
+        "resample": 3,  # PIL bicubic
+        "do_center_crop": True,
+        "crop_size": {"height": image_size, "width": image_size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(IMAGENET_MEAN),
+        "image_std": list(IMAGENET_STD),
+    }
+
+
 # The `auto_map` written into every saved config.json, so each Auto class loads the remote code.
 AUTO_MAP = {
     "AutoConfig": "configuration_internimage.InternImageConfig",
