@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
+import re
 import sys
 import unittest
 from pathlib import Path
@@ -236,3 +239,29 @@ def test_save_pretrained_round_trip(tmp_path):
     assert restored.to_dict() == config.to_dict()
     assert restored.id2label == {0: "cat", 1: "dog"} and restored.remove_center is True
     assert restored.stage_channels == [32, 64, 128, 256] and restored.pooler_output_size == 384
+
+
+def test_docstring_gives_every_field_with_its_default():
+    """Each `__init__` argument is documented as `name (`type`, defaults to VALUE): ...` with its real default."""
+    documented = {
+        name: ast.literal_eval(default.replace("`", ""))
+        for name, default in re.findall(r"^ {8}(\w+) \(`[^`]+`, defaults to (.+?)\): ", InternImageConfig.__doc__, re.M)
+    }
+    parameters = inspect.signature(InternImageConfig.__init__).parameters
+    expected = {
+        name: list(parameter.default) if isinstance(parameter.default, tuple) else parameter.default
+        for name, parameter in parameters.items()
+        if name not in ("self", "kwargs", "out_features", "out_indices")  # these two share one entry
+    }
+    assert documented == expected
+    assert "out_features (`list[str]`, *optional*) / out_indices (`list[int]`, *optional*)" in InternImageConfig.__doc__
+
+
+def test_docstring_example_runs():
+    """The configuration's docstring example, line by line as written: a randomly initialised InternImage-T."""
+    lines = [line.strip()[4:] for line in InternImageConfig.__doc__.splitlines() if line.strip().startswith(">>> ")]
+    namespace = {}
+    exec("\n".join(lines), namespace)
+    model = namespace["model"]
+    assert type(model).__name__ == "InternImageModel" and model.config.to_dict() == namespace["config"].to_dict()
+    assert model.config.depths == [4, 4, 18, 4] and model.config.label_set == "imagenet-1k"
