@@ -22,8 +22,9 @@ from configuration_internimage import VARIANTS, InternImageConfig  # noqa: E402
 
 COMMON = load_transformers_common_tests()
 
-# The architectures of the official release, written out from the official training configs (official-facts §3)
-# rather than derived from the configuration module's own table.
+# The architectures of the official release, written out from the official training configs
+# (`classification/configs/internimage_*.yaml`, e.g. `internimage_t_1k_224.yaml` L5-12, over the defaults of
+# `classification/config.py` L57-83) rather than derived from the configuration module's own table.
 OFFICIAL_ARCHITECTURES = {
     "t": {
         "channels": 64, "depths": [4, 4, 18, 4], "groups": [4, 8, 16, 32], "layer_scale_init_value": None,
@@ -85,8 +86,10 @@ RELEASES = {
     "internimage_g_jointto22k_384": ("g", 21841, 384),
 }
 
-# Shared by every release (official-facts §3): GELU, LayerNorm eps 1e-6, MLP ratio 4, DCN kernel 3, no remove_center,
-# conv-head ratio 1.5.
+# Shared by every release: `classification/models/build.py` L14-33 never passes the activation, the norm or the
+# conv-head ratio, so the defaults of `classification/models/intern_image.py` L554-578 hold (GELU, LayerNorm with
+# `build_norm_layer`'s eps 1e-6 (L33-54), conv-head ratio 1.5); every block builds its DCNv3 with kernel 3 (L373-386);
+# MLP ratio 4 and no remove_center are the `classification/config.py` defaults (L57-83) no release changes.
 SHARED_FIELDS = {
     "hidden_act": "gelu", "layer_norm_eps": 1e-6, "mlp_ratio": 4.0, "dcn_kernel_size": 3, "remove_center": False,
     "conv_pooler_ratio": 1.5, "num_channels": 3,

@@ -541,7 +541,8 @@ def test_attention_pooler_rejects_sizes_that_are_not_multiples_of_32():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Initialisation (official-facts §7.1)
+# Initialisation: `classification/models/intern_image.py` L677-691, then each DCNv3 module's own reset
+# (`classification/ops_dcnv3/modules/dcnv3.py` L308-316)
 # ---------------------------------------------------------------------------------------------------------------
 
 
