@@ -321,8 +321,8 @@ class InternImageConvPooler(nn.Module):
         return hidden_states.mean(dim=(2, 3))
 
 
-class InternImageAttentionPooling(nn.Module):
-    """Single-query cross-attention pooling: the mean token attends to all tokens (no residual, no MLP)."""
+class InternImageMeanQueryAttention(nn.Module):
+    """`InternImageAttentionPooler`'s single-query cross-attention: the mean token attends to all tokens."""
 
     def __init__(self, config: InternImageConfig) -> None:
         super().__init__()
@@ -362,7 +362,7 @@ class InternImageAttentionPooler(nn.Module):
         self.upsample_proj = nn.Conv2d(last, dim * 4, kernel_size=1)
         self.pixel_shuffle = nn.PixelShuffle(2)
         self.lateral_proj = nn.Conv2d(third, dim, kernel_size=1)
-        self.attention = InternImageAttentionPooling(config)
+        self.attention = InternImageMeanQueryAttention(config)
         self.norm = nn.LayerNorm(config.attention_pooler_output_size, eps=config.layer_norm_eps)
 
     def forward(self, stage_maps: list[torch.Tensor]) -> torch.Tensor:
