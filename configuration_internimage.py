@@ -59,6 +59,28 @@ VARIANTS: dict[str, dict[str, Any]] = {
 }
 NUM_LABELS = {"imagenet-1k": 1000, "imagenet-22k": 21841}
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def evaluation_transform(image_size: int) -> dict[str, Any]:
+    """`CLIPImageProcessor` arguments of the official evaluation transform (`classification/dataset/build.py`
+    L274-296): the short side resized to `image_size` (bicubic, crop ratio 1.0), a centre crop, ImageNet mean/std."""
+    return {
+        "do_convert_rgb": True,
+        "do_resize": True,
+        "size": {"shortest_edge": image_size},
+        "resample": 3,  # PIL bicubic
+        "do_center_crop": True,
+        "crop_size": {"height": image_size, "width": image_size},
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": list(IMAGENET_MEAN),
+        "image_std": list(IMAGENET_STD),
+    }
+
+
 # The `auto_map` written into every saved config.json, so each Auto class loads the remote code.
 AUTO_MAP = {
     "AutoConfig": "configuration_internimage.InternImageConfig",
@@ -70,47 +92,58 @@ AUTO_MAP = {
 
 class InternImageConfig(BackboneConfigMixin, PretrainedConfig):
     r"""
-    Configuration of an InternImage model (CVPR 2023). The defaults give InternImage-T.
+    Configuration of an InternImage model (CVPR 2023). The defaults give InternImage-T; `from_variant` gives each
+    released architecture.
 
     Args:
-        num_channels (`int`): Channels of the input images.
-        channels (`int`): Width of the first stage; stage `i` has `channels * 2**i` channels.
-        depths (`list[int]`): Number of blocks in each stage.
-        groups (`list[int]`): DCNv3 groups in each stage; each stage's width must be divisible by its groups.
-        mlp_ratio (`float`): Hidden width of the block MLP relative to the stage width.
-        dcn_kernel_size (`int`): Kernel size of the deformable convolution (odd).
-        dw_kernel_size (`int`): Kernel size of the depth-wise convolution that predicts offsets and masks.
-        offset_scale (`float`): Scale applied to the kernel grid and the learned offsets.
-        remove_center (`bool`): Drop the centre sampling point of every DCNv3 group.
-        center_feature_scale (`bool`): Blend the DCNv3 output with its projected input through a learned gate.
-        layer_scale_init_value (`float`, *optional*): Initial value of the per-channel residual scales; `None`
-            disables them.
-        post_norm (`bool`): Normalise each branch output instead of its input (S/B/L/XL/G).
-        res_post_norm (`bool`): Pre-norm blocks with an extra norm on each branch output (H). Cannot be combined
-            with `post_norm` or `layer_scale_init_value`.
-        stage3_post_norm_block_ids (`list[int]`, *optional*): Indices of the third-stage blocks followed by an
-            extra LayerNorm (H/G).
-        hidden_act (`str`): Activation of the stem, DCNv3 and MLP.
-        layer_norm_eps (`float`): Epsilon of every LayerNorm.
-        batch_norm_eps (`float`): Epsilon of the BatchNorm in the convolutional pooler.
-        drop_path_rate (`float`): Stochastic depth rate of the last block.
-        drop_path_type (`str`): `"linear"` (rate grows linearly over blocks) or `"uniform"`.
-        hidden_dropout_prob (`float`): Dropout after the stem and inside the MLPs.
-        pooler_type (`str`, *optional*): `"conv"` (1x1 conv + BatchNorm + activation + average pooling, T..XL),
-            `"attention"` (attention pooling of the last two stages, H/G) or `None` (a backbone without pooler).
-        conv_pooler_ratio (`float`): Width of the convolutional pooler relative to the last stage width.
-        attention_pooler_hidden_size (`int`): Token width of the attention pooler.
-        attention_pooler_num_heads (`int`): Heads of the attention pooler.
-        attention_pooler_output_size (`int`): Width of the attention pooler output.
-        dcn_backend (`str`): DCNv3 implementation: `"auto"`, `"triton"`, `"cuda"` or `"pytorch"`. The environment
-            variable `INTERNIMAGE_DCN_BACKEND` overrides it.
-        image_size (`int`): Resolution the weights were trained or fine-tuned at.
-        initializer_range (`float`): Standard deviation of the truncated normal initialiser of linear layers.
-        label_set (`str`, *optional*): Name of the label set of the classification head (e.g. `"imagenet-1k"`).
-        out_features / out_indices: Stages returned by `InternImageBackbone` (`"stem"`, `"stage1"`...`"stage4"`).
-        frozen_stages (`int`): `InternImageBackbone` keeps its first `frozen_stages` stages (each with its
-            downsampling layer) in eval mode with `requires_grad=False`, as the official detection backbone; `-1`
-            (or `0`) freezes nothing.
+        num_channels (`int`, defaults to 3): Channels of the input images.
+        channels (`int`, defaults to 64): Width of the first stage; stage `i` has `channels * 2**i` channels.
+        depths (`list[int]`, defaults to `[4, 4, 18, 4]`): Number of blocks in each stage.
+        groups (`list[int]`, defaults to `[4, 8, 16, 32]`): DCNv3 groups in each stage; each must divide the width.
+        mlp_ratio (`float`, defaults to 4.0): Hidden width of the block MLP relative to the stage width.
+        dcn_kernel_size (`int`, defaults to 3): Kernel size of the deformable convolution (odd).
+        dw_kernel_size (`int`, defaults to 3): Kernel of the depth-wise convolution that predicts offsets and masks.
+        offset_scale (`float`, defaults to 1.0): Scale applied to the kernel grid and the learned offsets.
+        remove_center (`bool`, defaults to `False`): Drop the centre sampling point of every DCNv3 group.
+        center_feature_scale (`bool`, defaults to `False`): Blend the DCNv3 output with its projected input through
+            a learned gate.
+        layer_scale_init_value (`float`, defaults to `None`): Initial per-channel residual scales; `None`: no scales.
+        post_norm (`bool`, defaults to `False`): Normalise each branch output instead of its input (S/B/L/XL/G).
+        res_post_norm (`bool`, defaults to `False`): Pre-norm blocks with an extra norm on each branch output (H).
+            Cannot be combined with `post_norm` or `layer_scale_init_value`.
+        stage3_post_norm_block_ids (`list[int]`, defaults to `None`): Third-stage blocks followed by an extra LayerNorm
+            (H/G).
+        hidden_act (`str`, defaults to `"gelu"`): Activation of the stem, DCNv3 and MLP.
+        layer_norm_eps (`float`, defaults to 1e-6): Epsilon of every LayerNorm.
+        batch_norm_eps (`float`, defaults to 1e-5): Epsilon of the BatchNorm in the convolutional pooler.
+        drop_path_rate (`float`, defaults to 0.1): Stochastic depth rate of the last block.
+        drop_path_type (`str`, defaults to `"linear"`): `"linear"` (rate grows linearly over blocks) or `"uniform"`.
+        hidden_dropout_prob (`float`, defaults to 0.0): Dropout after the stem and inside the MLPs.
+        pooler_type (`str`, defaults to `"conv"`): `"conv"` (1x1 conv, BatchNorm, activation, average pooling: T..XL),
+            `"attention"` (attention pooling of the last two stages: H/G) or `None` (no pooler: a backbone).
+        conv_pooler_ratio (`float`, defaults to 1.5): Width of the convolutional pooler relative to the last stage.
+        attention_pooler_hidden_size (`int`, defaults to 1024): Token width of the attention pooler.
+        attention_pooler_num_heads (`int`, defaults to 16): Heads of the attention pooler.
+        attention_pooler_output_size (`int`, defaults to 768): Width of the attention pooler output.
+        dcn_backend (`str`, defaults to `"auto"`): DCNv3 implementation: `"auto"`, `"triton"`, `"cuda"` or
+            `"pytorch"`. The environment variable `INTERNIMAGE_DCN_BACKEND` overrides it.
+        image_size (`int`, defaults to 224): Resolution the weights were trained or fine-tuned at.
+        initializer_range (`float`, defaults to 0.02): Std of the truncated normal initialiser of linear layers.
+        label_set (`str`, defaults to `None`): Label set of the classification head (`"imagenet-1k"`...).
+        out_features (`list[str]`, *optional*) / out_indices (`list[int]`, *optional*): Stages returned by
+            `InternImageBackbone` (`"stem"`, `"stage1"`...`"stage4"`); defaults to the four stages.
+        frozen_stages (`int`, defaults to -1): `InternImageBackbone` freezes its first `frozen_stages` stages (eval
+            mode, `requires_grad=False`, downsampling included), as the official detection backbone; `-1` or `0`: none.
+
+    Example:
+
+    ```python
+    >>> from configuration_internimage import InternImageConfig
+    >>> from modeling_internimage import InternImageModel
+
+    >>> config = InternImageConfig.from_variant("internimage_t_1k_224")  # or InternImageConfig(depths=[2, 2, 6, 2])
+    >>> model = InternImageModel(config)  # random weights; `InternImageModel.from_pretrained(folder)` loads weights
+    ```
     """
 
     model_type = "internimage"

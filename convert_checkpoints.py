@@ -35,16 +35,14 @@ import torch
 from transformers.utils import logging
 
 try:
-    from .configuration_internimage import AUTO_MAP, NUM_LABELS, VARIANTS, InternImageConfig
+    from .configuration_internimage import AUTO_MAP, NUM_LABELS, VARIANTS, InternImageConfig, evaluation_transform
 except ImportError:
-    from configuration_internimage import AUTO_MAP, NUM_LABELS, VARIANTS, InternImageConfig
+    from configuration_internimage import AUTO_MAP, NUM_LABELS, VARIANTS, InternImageConfig, evaluation_transform
 
 logger = logging.get_logger(__name__)
 
 CODE_DIR = Path(__file__).resolve().parent
 MODEL_ENTRY_FILES = ("configuration_internimage.py", "modeling_internimage.py")
-IMAGENET_MEAN = [0.485, 0.456, 0.406]
-IMAGENET_STD = [0.229, 0.224, 0.225]
 # Above this many bytes of weights, verification compares the written tensors with the source one by one instead
 # of loading a second model.
 LARGE_CHECKPOINT_BYTES = 4 * 1024**3
@@ -742,22 +740,8 @@ def model_code_files(entry_files: tuple[str, ...] = MODEL_ENTRY_FILES, code_dir:
 
 
 def preprocessor_config(image_size: int) -> dict[str, Any]:
-    """`CLIPImageProcessor` settings of the official evaluation transform: short side to `image_size`, centre
-    crop, bicubic, ImageNet mean/std."""
-    return {
-        "image_processor_type": "CLIPImageProcessor",
-        "do_convert_rgb": True,
-        "do_resize": True,
-        "size": {"shortest_edge": image_size},
-        "resample": 3,
-        "do_center_crop": True,
-        "crop_size": {"height": image_size, "width": image_size},
-        "do_rescale": True,
-        "rescale_factor": 1 / 255,
-        "do_normalize": True,
-        "image_mean": IMAGENET_MEAN,
-        "image_std": IMAGENET_STD,
-    }
+    """The `preprocessor_config.json` of a release: a `CLIPImageProcessor` with the official evaluation transform."""
+    return {"image_processor_type": "CLIPImageProcessor", **evaluation_transform(image_size)}
 
 
 def finalize_config(config: InternImageConfig) -> InternImageConfig:

@@ -21,7 +21,8 @@ from transformers.modeling_outputs import (
     ImageClassifierOutputWithNoAttention,
 )
 from transformers.modeling_utils import PreTrainedModel
-from transformers.utils import logging
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple, logging
 
 try:
     from .configuration_internimage import InternImageConfig
@@ -320,8 +321,8 @@ class InternImageConvPooler(nn.Module):
         return hidden_states.mean(dim=(2, 3))
 
 
-class InternImageAttentionPooling(nn.Module):
-    """Single-query cross-attention pooling: the mean token attends to all tokens (no residual, no MLP)."""
+class InternImageMeanQueryAttention(nn.Module):
+    """`InternImageAttentionPooler`'s single-query cross-attention: the mean token attends to all tokens."""
 
     def __init__(self, config: InternImageConfig) -> None:
         super().__init__()
@@ -361,7 +362,7 @@ class InternImageAttentionPooler(nn.Module):
         self.upsample_proj = nn.Conv2d(last, dim * 4, kernel_size=1)
         self.pixel_shuffle = nn.PixelShuffle(2)
         self.lateral_proj = nn.Conv2d(third, dim, kernel_size=1)
-        self.attention = InternImageAttentionPooling(config)
+        self.attention = InternImageMeanQueryAttention(config)
         self.norm = nn.LayerNorm(config.attention_pooler_output_size, eps=config.layer_norm_eps)
 
     def forward(self, stage_maps: list[torch.Tensor]) -> torch.Tensor:
@@ -444,8 +445,10 @@ class InternImageModel(InternImagePreTrainedModel):
 
     Outputs: `last_hidden_state` (B, 8C, H/32, W/32), `pooler_output` (B, pooler_output_size) or `None`, and
     `hidden_states`, the four stage maps (B, C*2^i, H/2^(i+2), W/2^(i+2)) after each stage's norm and before
-    downsampling. `hidden_states` are returned unless `output_hidden_states=False`. The returned maps are the
-    tensors the rest of the network reads (`last_hidden_state` is the last of them), so gradients reach them.
+    downsampling; they are the tensors the rest of the network reads, so gradients reach them.
+
+    The base model returns `hidden_states` unless called with `output_hidden_states=False`; the classifier and the
+    backbone return them only when asked (by the call or by `config.output_hidden_states`).
     """
 
     # The head of a classification folder (and its pooler, for a model built with `pooler_type=None`).
@@ -464,13 +467,13 @@ class InternImageModel(InternImagePreTrainedModel):
             self.pooler = None
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> BaseModelOutputWithPoolingAndNoAttention | tuple:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BaseModelOutputWithPoolingAndNoAttention:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
             Normalised images (see `CLIPImageProcessor`).
@@ -478,17 +481,11 @@ class InternImageModel(InternImagePreTrainedModel):
         if pixel_values is None:
             raise ValueError("You have to specify pixel_values")
         output_hidden_states = True if output_hidden_states is None else output_hidden_states
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-
         stage_maps = self.encoder(self.dropout(self.embeddings(pixel_values)))
-        pooled_output = self.pooler(stage_maps) if self.pooler is not None else None
-        last_hidden_state = stage_maps[-1]
-        hidden_states = tuple(stage_maps) if output_hidden_states else None
-
-        if not return_dict:
-            return tuple(v for v in (last_hidden_state, pooled_output, hidden_states) if v is not None)
         return BaseModelOutputWithPoolingAndNoAttention(
-            last_hidden_state=last_hidden_state, pooler_output=pooled_output, hidden_states=hidden_states
+            last_hidden_state=stage_maps[-1],
+            pooler_output=self.pooler(stage_maps) if self.pooler is not None else None,
+            hidden_states=tuple(stage_maps) if output_hidden_states else None,
         )
 
 
@@ -514,14 +511,14 @@ class InternImageForImageClassification(InternImagePreTrainedModel):
             self.classifier = nn.Identity()
         self.post_init()
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> ImageClassifierOutputWithNoAttention | tuple:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> ImageClassifierOutputWithNoAttention:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size,)`, *optional*):
             Class indices in `[0, num_labels)` (cross-entropy), float targets for multi-label classification, or
@@ -529,17 +526,11 @@ class InternImageForImageClassification(InternImagePreTrainedModel):
         """
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs = self.internimage(pixel_values, output_hidden_states=output_hidden_states, return_dict=True)
         logits = self.classifier(outputs.pooler_output)
-
         loss = None
         if labels is not None:
             loss = self.loss_function(labels=labels, pooled_logits=logits, config=self.config)
-
-        if not return_dict:
-            output = (logits, outputs.hidden_states) if output_hidden_states else (logits,)
-            return ((loss,) + output) if loss is not None else output
         return ImageClassifierOutputWithNoAttention(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
 
@@ -576,14 +567,14 @@ class InternImageBackbone(BackboneMixin, InternImagePreTrainedModel):
         self._freeze_stages()
         return self
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-        **kwargs,
-    ) -> BackboneOutput | tuple:
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> BackboneOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`):
             Normalised images (see `CLIPImageProcessor`).
@@ -594,15 +585,10 @@ class InternImageBackbone(BackboneMixin, InternImagePreTrainedModel):
             raise ValueError("InternImage is a convolutional network and has no attentions to return")
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-
         stem = _to_channels_first(self.embeddings(pixel_values))
         stage_maps = self.encoder(self.dropout(_to_channels_last(stem)))
         hidden_states = (stem, *stage_maps)
         feature_maps = tuple(hidden_states[self.stage_names.index(name)] for name in self.out_features)
-
-        if not return_dict:
-            return (feature_maps, hidden_states) if output_hidden_states else (feature_maps,)
         return BackboneOutput(feature_maps=feature_maps, hidden_states=hidden_states if output_hidden_states else None)
 
 

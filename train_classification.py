@@ -50,7 +50,7 @@ from transformers import (
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 import training_recipe
-from configuration_internimage import AUTO_MAP, VARIANTS, InternImageConfig
+from configuration_internimage import AUTO_MAP, VARIANTS, InternImageConfig, evaluation_transform
 from modeling_internimage import InternImageForImageClassification
 from training_recipe import STEP_STRATEGIES, EMACallback, InternImageTrainer, RecipeArguments, UsageError
 
@@ -58,8 +58,6 @@ logger = logging.getLogger(__name__)
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 METRIC_PATH = os.path.join(HERE, "metrics", "top_k_accuracy.py")
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 TRAINER_STATE_NAME = "trainer_state.json"  # the last file `Trainer._save_checkpoint` writes
 DATASET_ALIASES = {"imagenet-1k": "ILSVRC/imagenet-1k", "imagenet1k": "ILSVRC/imagenet-1k"}
@@ -708,12 +706,8 @@ def collate(examples: list[dict]) -> dict[str, torch.Tensor]:
 
 
 def default_image_processor(image_size: int) -> CLIPImageProcessor:
-    """The official eval transform: short side to `image_size` (crop ratio 1.0), centre crop, bicubic."""
-    return CLIPImageProcessor(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-        resample=PILImage.Resampling.BICUBIC, image_mean=list(IMAGENET_MEAN), image_std=list(IMAGENET_STD),
-        do_convert_rgb=True,
-    )
+    """The official evaluation transform: short side to `image_size` (crop ratio 1.0), centre crop, bicubic."""
+    return CLIPImageProcessor(**evaluation_transform(image_size))
 
 
 def build_model(

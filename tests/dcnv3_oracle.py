@@ -1,4 +1,5 @@
-"""Clean-room DCNv3 oracle, written literally from the official op's description (official-facts §1-2).
+"""Clean-room DCNv3 oracle, written step by step from the official PyTorch op, `dcnv3_core_pytorch`
+(`classification/ops_dcnv3/functions/dcnv3_func.py` L171-219, helpers L107-168).
 
 It follows the official `grid_sample` formulation step by step: zero-pad the input, reference points at pixel
 centres normalised by the padded size, the dilation grid (x-outer, y-inner point order, scaled by `offset_scale`
@@ -72,7 +73,8 @@ def oracle_dcnv3_core(
 
 
 def oracle_dcnv3_module_forward(module: torch.nn.Module, hidden_states: torch.Tensor) -> torch.Tensor:
-    """The official DCNv3 module forward (§2.2) with the oracle core, on an `InternImageDCNv3`'s parameters."""
+    """The official DCNv3 module forward (`classification/ops_dcnv3/modules/dcnv3.py` L318-356) with the oracle core,
+    on an `InternImageDCNv3`'s parameters."""
     batch, height, width, _ = hidden_states.shape
     values = module.input_proj(hidden_states)
     features = module.dw_conv(hidden_states.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ast
+import inspect
+import re
 import sys
 import unittest
 from pathlib import Path
@@ -19,8 +22,9 @@ from configuration_internimage import VARIANTS, InternImageConfig  # noqa: E402
 
 COMMON = load_transformers_common_tests()
 
-# The architectures of the official release, written out from the official training configs (official-facts §3)
-# rather than derived from the configuration module's own table.
+# The architectures of the official release, written out from the official training configs
+# (`classification/configs/internimage_*.yaml`, e.g. `internimage_t_1k_224.yaml` L5-12, over the defaults of
+# `classification/config.py` L57-83) rather than derived from the configuration module's own table.
 OFFICIAL_ARCHITECTURES = {
     "t": {
         "channels": 64, "depths": [4, 4, 18, 4], "groups": [4, 8, 16, 32], "layer_scale_init_value": None,
@@ -82,8 +86,10 @@ RELEASES = {
     "internimage_g_jointto22k_384": ("g", 21841, 384),
 }
 
-# Shared by every release (official-facts §3): GELU, LayerNorm eps 1e-6, MLP ratio 4, DCN kernel 3, no remove_center,
-# conv-head ratio 1.5.
+# Shared by every release: `classification/models/build.py` L14-33 never passes the activation, the norm or the
+# conv-head ratio, so the defaults of `classification/models/intern_image.py` L554-578 hold (GELU, LayerNorm with
+# `build_norm_layer`'s eps 1e-6 (L33-54), conv-head ratio 1.5); every block builds its DCNv3 with kernel 3 (L373-386);
+# MLP ratio 4 and no remove_center are the `classification/config.py` defaults (L57-83) no release changes.
 SHARED_FIELDS = {
     "hidden_act": "gelu", "layer_norm_eps": 1e-6, "mlp_ratio": 4.0, "dcn_kernel_size": 3, "remove_center": False,
     "conv_pooler_ratio": 1.5, "num_channels": 3,
@@ -236,3 +242,29 @@ def test_save_pretrained_round_trip(tmp_path):
     assert restored.to_dict() == config.to_dict()
     assert restored.id2label == {0: "cat", 1: "dog"} and restored.remove_center is True
     assert restored.stage_channels == [32, 64, 128, 256] and restored.pooler_output_size == 384
+
+
+def test_docstring_gives_every_field_with_its_default():
+    """Each `__init__` argument is documented as `name (`type`, defaults to VALUE): ...` with its real default."""
+    documented = {
+        name: ast.literal_eval(default.replace("`", ""))
+        for name, default in re.findall(r"^ {8}(\w+) \(`[^`]+`, defaults to (.+?)\): ", InternImageConfig.__doc__, re.M)
+    }
+    parameters = inspect.signature(InternImageConfig.__init__).parameters
+    expected = {
+        name: list(parameter.default) if isinstance(parameter.default, tuple) else parameter.default
+        for name, parameter in parameters.items()
+        if name not in ("self", "kwargs", "out_features", "out_indices")  # these two share one entry
+    }
+    assert documented == expected
+    assert "out_features (`list[str]`, *optional*) / out_indices (`list[int]`, *optional*)" in InternImageConfig.__doc__
+
+
+def test_docstring_example_runs():
+    """The configuration's docstring example, line by line as written: a randomly initialised InternImage-T."""
+    lines = [line.strip()[4:] for line in InternImageConfig.__doc__.splitlines() if line.strip().startswith(">>> ")]
+    namespace = {}
+    exec("\n".join(lines), namespace)
+    model = namespace["model"]
+    assert type(model).__name__ == "InternImageModel" and model.config.to_dict() == namespace["config"].to_dict()
+    assert model.config.depths == [4, 4, 18, 4] and model.config.label_set == "imagenet-1k"

@@ -320,6 +320,20 @@ def test_tuple_outputs_with_return_dict_false():
     assert len(loss_tuple[2]) == 4
 
 
+@pytest.mark.parametrize("model_class", [InternImageModel, InternImageForImageClassification, InternImageBackbone])
+@pytest.mark.parametrize("output_hidden_states", [True, False])
+def test_config_return_dict_false_gives_the_output_as_a_tuple(model_class, output_hidden_states):
+    """`config.return_dict=False`: the output's fields in order, `None` ones left out; `return_dict=True` wins."""
+    model = seeded(model_class, tiny_config(return_dict=False))
+    with torch.no_grad():
+        as_tuple = model(pixels(), output_hidden_states=output_hidden_states)
+        as_output = model(pixels(), output_hidden_states=output_hidden_states, return_dict=True)
+    assert isinstance(as_tuple, tuple) and not isinstance(as_output, tuple)
+    expected = tuple(value for value in as_output.values() if value is not None)
+    assert len(as_tuple) == len(expected) == 2 + (model_class is InternImageModel) - (not output_hidden_states)
+    torch.testing.assert_close(as_tuple, expected, rtol=0, atol=0)
+
+
 def test_conv_pooler_output_is_one_and_a_half_times_the_last_stage_width():
     model = seeded(InternImageModel, tiny_config(channels=16, groups=[4, 8, 16, 32]))
     with torch.no_grad():
@@ -527,7 +541,8 @@ def test_attention_pooler_rejects_sizes_that_are_not_multiples_of_32():
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Initialisation (official-facts §7.1)
+# Initialisation: `classification/models/intern_image.py` L677-691, then each DCNv3 module's own reset
+# (`classification/ops_dcnv3/modules/dcnv3.py` L308-316)
 # ---------------------------------------------------------------------------------------------------------------
 
 
