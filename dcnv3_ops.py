@@ -6,6 +6,14 @@ group, and the output is (N, H_out, W_out, G*Cg). P = kernel_h * kernel_w - remo
 points ordered x-outer, y-inner. The sampling position of point p for output pixel (i, j) is
 `(c - pad + i * stride + offset_scale * (tap_p * dilation + offset_p))` per axis, `c = dilation * (k - 1) // 2`,
 and values outside the image are zero (bilinear interpolation).
+
+Non-finite values never raise, on every backend, and make the same outputs non-finite as the official grid_sample
+formulation: a sampling point whose position is NaN or ±inf (from a non-finite offset) makes its outputs NaN (the
+official CUDA kernel, `ops_dcnv3/src/cuda/dcnv3_im2col_cuda.cuh` L217-282, skips such a point instead), and a
+non-finite mask or pixel value makes the outputs whose sums it takes part in non-finite: NaN for NaN; ±inf or NaN
+for ±inf, which of the two is left unspecified. A pixel takes part in the bilinear sum of every point whose four
+corners include it, also with weight zero, and of no other point. Gradients are non-finite where they depend on
+such values, as in the official formulation.
 """
 
 from __future__ import annotations
@@ -81,14 +89,14 @@ class _BilinearSampling(NamedTuple):
     """Where each sampling point reads the zero-bordered table (see `_zero_bordered_table`), and with what weight.
 
     All (B, P) with B = N * H_out * W_out * G bags of P points, in the order of the output rows (n, i, j, g).
+    A point without a corner in the image reads four zero border rows (so its value and position gradient are zero),
+    and a point with a NaN position reads the zero rows at the table's top-left corner.
     """
 
     rows: torch.Tensor  # table row of the top-left bilinear corner (int32, or int64 for huge tables)
-    frac_x: torch.Tensor  # fractional position right of that corner, in the position dtype
+    frac_x: torch.Tensor  # fractional position right of that corner, in the position dtype (NaN if not finite)
     frac_y: torch.Tensor  # fractional position below that corner
     mask: torch.Tensor  # the modulation mask, in the position dtype
-    inside_x: torch.Tensor | None  # the unclamped position lies in the table (where it has a gradient)
-    inside_y: torch.Tensor | None
     table_w: int
 
     @property
@@ -107,56 +115,51 @@ class _BilinearSampling(NamedTuple):
 
 
 def _zero_bordered_table(input: torch.Tensor, group: int, group_channels: int) -> torch.Tensor:
-    """(N * G * (H + 3) * (W + 3), Cg): pixel (y, x) of group g in image n is row
-    ((n * G + g) * (H + 3) + y + 1) * (W + 3) + x + 1; the border rows are zero."""
+    """(N * G * (H + 4) * (W + 4), Cg): pixel (y, x) of group g in image n is row
+    ((n * G + g) * (H + 4) + y + 2) * (W + 4) + x + 2; the two border rows and columns on each side are zero."""
     batch, height, width, _ = input.shape
     table = input.reshape(batch, height, width, group, group_channels).permute(0, 3, 1, 2, 4)
-    return F.pad(table, (0, 0, 1, 2, 1, 2)).reshape(-1, group_channels)
+    return F.pad(table, (0, 0, 2, 2, 2, 2)).reshape(-1, group_channels)
 
 
 def _bilinear_sampling(
     input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int, stride_h: int,
     stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int, offset_scale: float,
-    remove_center: int, with_gradient_masks: bool = False,
+    remove_center: int,
 ) -> _BilinearSampling:
     """Table rows and bilinear fractions of every sampling point; positions are computed in float64 for float64
     inputs and in float32 otherwise."""
     batch, height, width, _ = input.shape
     position_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
-    # Positions in the table's coordinates (one border pixel on the top and left).
+    # Positions in the table's coordinates (two border pixels on the top and left).
     x, y = _sampling_positions(
         offset, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
-        offset_scale, remove_center, position_dtype, shift=1.0,
+        offset_scale, remove_center, position_dtype, shift=2.0,
     )
     num_points = x.shape[-1]
-    table_h, table_w = height + 3, width + 3
-    inside_x = inside_y = None
-    if with_gradient_masks:
-        inside_x = ((x >= 0) & (x <= width + 1)).view(-1, num_points)
-        inside_y = ((y >= 0) & (y <= height + 1)).view(-1, num_points)
-    # Clamping to [0, size + 1] keeps all four corners inside the table (a position outside the image only weights
-    # the zero border). x and y are fresh tensors: updated in place to keep the op's peak memory low.
-    x.clamp_(0, width + 1)
-    y.clamp_(0, height + 1)
-    frac_x, frac_y = torch.frac(x), torch.frac(y)
-    x.sub_(frac_x)  # the corner's column and row (exact: x - frac(x) == floor(x) for x >= 0)
-    y.sub_(frac_y)
+    table_h, table_w = height + 4, width + 4
+    # The top-left corner's column and row, and the fractions (x and y are fresh tensors: updated in place to keep
+    # the op's peak memory low). An infinite position's fraction is inf - inf = NaN, as in grid_sample.
+    corner_x, corner_y = torch.floor(x), torch.floor(y)
+    frac_x, frac_y = x.sub_(corner_x), y.sub_(corner_y)
+    # Corners of a point without a corner in the image move into the two-pixel zero border, where all four read zero
+    # whatever the fractions are; a NaN corner (NaN position) moves to the zero row 0 and keeps its NaN weights.
+    corner_x.clamp_(0, width + 2)
+    corner_y.clamp_(0, height + 2)
     # int64 when exporting: ONNX graphs with a dynamic batch mix the index arithmetic with int64 shape values.
     needs_int64 = torch.compiler.is_exporting() or batch * group * table_h * table_w >= 2**31
     index_dtype = torch.int64 if needs_int64 else torch.int32
     image_group = torch.arange(batch * group, device=input.device, dtype=index_dtype) * (table_h * table_w)
     image_group = image_group.view(batch, 1, 1, group, 1).expand(batch, 1, 1, group, num_points)
     # Pixel index in floating point (exact below 2**24 in float32), then one integer conversion.
-    pixel_dtype = x.dtype if table_h * table_w <= 2**24 else torch.float64
-    pixel = torch.add(x.to(pixel_dtype), y.to(pixel_dtype), alpha=table_w)
+    pixel_dtype = position_dtype if table_h * table_w <= 2**24 else torch.float64
+    pixel = torch.add(corner_x.to(pixel_dtype), corner_y.to(pixel_dtype), alpha=table_w).nan_to_num_(nan=0.0)
     rows = pixel.to(index_dtype).add_(image_group).view(-1, num_points)
     return _BilinearSampling(
         rows=rows,
         frac_x=frac_x.view(-1, num_points),
         frac_y=frac_y.view(-1, num_points),
         mask=mask.reshape(-1, num_points).to(position_dtype),
-        inside_x=inside_x,
-        inside_y=inside_y,
         table_w=table_w,
     )
 
@@ -195,7 +198,7 @@ def _dcnv3_pytorch_backward(
     """
     sampling = _bilinear_sampling(
         input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
-        offset_scale, remove_center, with_gradient_masks=True,
+        offset_scale, remove_center,
     )
     batch, height, width, channels = input.shape
     table = _zero_bordered_table(input, group, group_channels)
@@ -214,7 +217,7 @@ def _dcnv3_pytorch_backward(
         grad_table[shift : shift + num_starts] += F.embedding_bag(
             bag_of_entry, grad_output, bag_offsets, mode="sum", per_sample_weights=weight.reshape(-1)[order]
         )
-    grad_input = grad_table.view(batch, group, height + 3, width + 3, group_channels)[:, :, 1:-2, 1:-2]
+    grad_input = grad_table.view(batch, group, height + 4, width + 4, group_channels)[:, :, 2:-2, 2:-2]
     grad_input = grad_input.permute(0, 2, 3, 1, 4).reshape(batch, height, width, channels)
 
     # Dot products of each bag's output gradient with its 4 * P corner rows, in chunks of bags whose gathered rows
@@ -237,7 +240,7 @@ def _dcnv3_pytorch_backward(
     grad_mask = torch.lerp(top, bottom, frac_y)
     grad_x = sampling.mask * torch.lerp(top_right - top_left, bottom_right - bottom_left, frac_y)
     grad_y = sampling.mask * (bottom - top)
-    grad_offset = torch.stack([grad_x * sampling.inside_x, grad_y * sampling.inside_y], dim=-1) * offset_scale
+    grad_offset = torch.stack([grad_x, grad_y], dim=-1) * offset_scale
     return grad_input, grad_offset.view(offset.shape).to(offset.dtype), grad_mask.view(mask.shape).to(mask.dtype)
 
 
@@ -358,7 +361,8 @@ def dcnv3_core(
     remove_center: int | bool,
     backend: str | None = "auto",
 ) -> torch.Tensor:
-    """DCNv3 core with the official argument order and layouts (see the module docstring), on the chosen backend."""
+    """DCNv3 core with the official argument order and layouts, on the chosen backend; NaN and ±inf as the module
+    docstring says, the same on every backend."""
     args = (
         kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
         float(offset_scale), int(remove_center),

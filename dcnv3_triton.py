@@ -2,7 +2,8 @@
 
 Same layouts and semantics as `dcnv3_ops.dcnv3_core_pytorch`: `input` (N, H, W, G*Cg) channels-last, `offset`
 (N, H_out, W_out, G*P*2) with (dx, dy) pairs, `mask` (N, H_out, W_out, G*P), output (N, H_out, W_out, G*Cg);
-points ordered x-outer, y-inner; bilinear sampling with zeros outside the image.
+points ordered x-outer, y-inner; bilinear sampling with zeros outside the image. Non-finite values give the same
+non-finite outputs and gradients (NaN for a NaN or infinite sampling position) and never read outside the input.
 
 One program handles a tile of `BLOCK_W` output pixels of one row, for one group: it walks all P points and reads
 the four corner rows of `Cg` channels per point (channels padded to a power of two and masked). Positions,
@@ -74,22 +75,32 @@ if triton is not None:
         return n, h_out, w_out, w_out < width_out
 
     @triton.jit
+    def _outside_safe_corner(floor, size):
+        """`floor` as int32, clamped to [-2, size + 1] (which only moves corners whose 2x2 footprint lies outside the
+        image) and -2 for NaN, so the int cast is always defined."""
+        clamped = tl.minimum(tl.maximum(floor, -2.0), size + 1.0)
+        return tl.where(floor == floor, clamped, -2.0).to(tl.int32)
+
+    @triton.jit
     def _sampling_point(
         offset_ptr, mask_ptr, offset_rows, mask_rows, w_valid, point, tap_x, tap_y, base_x, base_y,
         offset_scale, height, width, ACC_DTYPE: tl.constexpr,
     ):
-        """Floor corner (x0, y0), fractions (fx, fy), mask weight of one point for the tile, each (BLOCK_W,)."""
+        """Floor corner (x0, y0), fractions (fx, fy), mask weight of one point for the tile, each (BLOCK_W,).
+
+        The fractions of a NaN or infinite position are NaN (inf - inf), so the point's weights are NaN, as in the
+        official grid_sample formulation; its corner is moved outside the image, where nothing is read.
+        """
         dx = tl.load(offset_ptr + offset_rows + 2 * point, mask=w_valid, other=0.0).to(ACC_DTYPE)
         dy = tl.load(offset_ptr + offset_rows + 2 * point + 1, mask=w_valid, other=0.0).to(ACC_DTYPE)
         weight = tl.load(mask_ptr + mask_rows + point, mask=w_valid, other=0.0).to(ACC_DTYPE)
         x = (base_x + offset_scale * tap_x) + offset_scale * dx
         y = (base_y + offset_scale * tap_y) + offset_scale * dy
-        # Clamping only moves points whose four corners are all outside the image; it keeps the int cast safe.
-        x = tl.minimum(tl.maximum(x, -2.0), width + 1.0)
-        y = tl.minimum(tl.maximum(y, -2.0), height + 1.0)
         x_floor = tl.floor(x)
         y_floor = tl.floor(y)
-        return x_floor.to(tl.int32), y_floor.to(tl.int32), x - x_floor, y - y_floor, weight
+        x0 = _outside_safe_corner(x_floor, width)
+        y0 = _outside_safe_corner(y_floor, height)
+        return x0, y0, x - x_floor, y - y_floor, weight
 
     @triton.jit
     def _corner(image_base, x, y, height, width, channels, channel_ids, channel_valid, w_valid):

@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from dcnv3_non_finite import NON_FINITE, TENSORS, check_against_the_official_formulation  # noqa: E402
 from dcnv3_oracle import oracle_dcnv3_core, oracle_dcnv3_module_forward  # noqa: E402
 
 import dcnv3_ops  # noqa: E402
@@ -274,3 +275,16 @@ def test_operators_are_registered_once_per_process(monkeypatch):
     torch.testing.assert_close(output, expected_output, rtol=0, atol=1e-10)
     for name in GRADIENTS:
         torch.testing.assert_close(grads[name], expected_grads[name], rtol=0, atol=1e-10)
+
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("value", NON_FINITE.values(), ids=NON_FINITE.keys())
+@pytest.mark.parametrize("name", TENSORS)
+def test_non_finite_values_match_the_official_formulation(name, value, dtype):
+    """NaN or ±inf in the input, offsets or mask never raise (a NaN offset used to index the table at -2**31) and
+    make the same outputs and gradients non-finite as the official grid_sample formulation: a NaN or infinite
+    sampling position gives NaN, a non-finite mask or pixel value the non-finite products it takes part in. Points
+    far outside the image read no pixel, so a NaN pixel does not reach them."""
+    atol = 1e-10 if dtype == torch.float64 else 5e-5
+    check_against_the_official_formulation(dcnv3_core_pytorch, name, value, dtype, atol=atol)

@@ -21,6 +21,8 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from dcnv3_non_finite import NON_FINITE, TENSORS, check_against_the_official_formulation  # noqa: E402
+
 import dcnv3_triton  # noqa: E402
 from configuration_internimage import InternImageConfig  # noqa: E402
 from dcnv3_ops import dcnv3_core, dcnv3_core_pytorch, dcnv3_output_size  # noqa: E402
@@ -187,6 +189,16 @@ def test_interpreter_mixed_dtypes_keep_each_gradient_dtype():
     assert_close_relative(output, expected, RELATIVE_TOLERANCE[torch.float16], "mixed-dtype output")
 
 
+@interpreter
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy computing inf - inf
+@pytest.mark.parametrize("value", NON_FINITE.values(), ids=NON_FINITE.keys())
+@pytest.mark.parametrize("name", TENSORS)
+def test_interpreter_non_finite_values_match_the_official_formulation(name, value):
+    """NaN or ±inf in input, offsets or mask: the same non-finite outputs and gradients as the official grid_sample
+    formulation (NaN for a NaN or infinite position), no read outside the input (the interpreter checks bounds)."""
+    check_against_the_official_formulation(dcnv3_triton.dcnv3_triton, name, value)
+
+
 # ---------------------------------------------------------------- GPU
 
 
@@ -258,6 +270,16 @@ def test_gpu_more_than_2_31_elements():
     tail = slice(batch - 2, batch)
     expected = dcnv3_core_pytorch(input[tail].float(), offset[tail].float(), mask[tail].float(), *arguments)
     assert_close_relative(output[tail], expected, RELATIVE_TOLERANCE[torch.float16], "tail of a > 2**31 tensor")
+
+
+@pytest.mark.gpu
+@gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("value", NON_FINITE.values(), ids=NON_FINITE.keys())
+@pytest.mark.parametrize("name", TENSORS)
+def test_gpu_non_finite_values_match_the_official_formulation(name, value, dtype):
+    atol = 1e-10 if dtype == torch.float64 else 5e-5
+    check_against_the_official_formulation(dcnv3_triton.dcnv3_triton, name, value, dtype, device="cuda", atol=atol)
 
 
 def small_classifier(backend: str):
