@@ -243,15 +243,23 @@ def test_torch_compile_of_the_dispatch_matches_eager():
         torch.testing.assert_close(grads[name], expected_grads[name], rtol=0, atol=1e-5)
 
 
-def test_backward_in_cache_sized_chunks_matches_one_pass(monkeypatch):
-    """The CPU backward gathers corner rows in chunks of bags; small chunks (the last one partial) change nothing."""
-    inputs, args, grad_weight = random_case(batch=2, height=7, width=9, seed=3)
-    expected_output, expected_grads = run_op(dcnv3_core_pytorch, inputs, args, grad_weight, torch.float64)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_corner_products_sampled_and_gathered_in_chunks_agree(monkeypatch, dtype):
+    """The backward's dot products of the output gradient with the corner rows: `sampled_addmm` (CPU float32 and
+    float64) and the gather in cache-sized chunks of bags (other devices and half precision) give the same numbers,
+    also with small chunks (the last one partial)."""
+    inputs, args, _ = random_case(batch=2, height=7, width=9, seed=3)
+    input, offset, mask = (inputs[name].to(dtype) for name in GRADIENTS)
+    sampling = dcnv3_ops._bilinear_sampling(input, offset, mask, *args[:9], *args[10:])
+    table = dcnv3_ops._zero_bordered_table(input, args[9])
+    grad_output = torch.randn(sampling.rows.shape[0], args[9], dtype=dtype, generator=torch.Generator().manual_seed(4))
+    sampled = torch.stack(dcnv3_ops._sampled_corner_products(sampling, table, grad_output), dim=-1)
+    rows = sampling.rows.long().unsqueeze(-1) + torch.tensor(sampling.corner_shifts)
+    expected = (table[rows] * grad_output[:, None, None, :]).sum(-1)
+    torch.testing.assert_close(sampled, expected, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-5)
     monkeypatch.setattr(dcnv3_ops, "_CPU_GATHER_CHUNK_BYTES", 6000)  # 5 of the 252 bags per chunk
-    output, grads = run_op(dcnv3_core_pytorch, inputs, args, grad_weight, torch.float64)
-    torch.testing.assert_close(output, expected_output, rtol=0, atol=0)
-    for name in GRADIENTS:
-        torch.testing.assert_close(grads[name], expected_grads[name], rtol=0, atol=1e-12)
+    gathered = torch.stack(dcnv3_ops._gathered_corner_products(sampling, table, grad_output), dim=-1)
+    torch.testing.assert_close(gathered, expected, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-5)
 
 
 def test_operators_are_registered_once_per_process(monkeypatch):
