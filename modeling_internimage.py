@@ -49,6 +49,54 @@ def _softmax_last_dim(logits: torch.Tensor) -> torch.Tensor:
     return exponentials / exponentials.sum(-1, keepdim=True)
 
 
+# oneDNN matrix products with the bias, a GELU or a residual add fused in (what inductor uses on CPU), when the
+# build has them: for CPU inference in eager mode they save the passes over the outputs that `F.linear` (bias copied
+# into the output first), a separate GELU and a separate residual add make.
+_ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+
+
+def _fuses_linears(hidden_states: torch.Tensor, *linears: nn.Linear) -> bool:
+    """Whether `linears` may run as fused oneDNN products on `hidden_states`: CPU, no autograd, eager mode
+    (torch.compile and torch.export see the plain operators and fuse by themselves), and a computation dtype oneDNN
+    runs fast: float32, or bfloat16 on CPUs with AVX-512 (with AVX-512 BF16 or AMX the products are 3-6x faster
+    than in float32; without AVX-512 oneDNN has no bfloat16 products and `F.linear` is kept)."""
+    if _ONEDNN_LINEAR is None or hidden_states.device.type != "cpu" or torch.compiler.is_compiling():
+        return False
+    needs_grad = hidden_states.requires_grad or any(linear.weight.requires_grad for linear in linears)
+    if needs_grad and torch.is_grad_enabled():
+        return False
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden_states.dtype
+    if dtype == torch.bfloat16:
+        return torch.backends.cpu.get_cpu_capability() == "AVX512"
+    return dtype == torch.float32
+
+
+def _linear(
+    hidden_states: torch.Tensor, linear: nn.Linear, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`linear(hidden_states)`, plus `residual` when given: the plain counterpart of `_fused_linear`."""
+    output = linear(hidden_states)
+    return output if residual is None else residual + output
+
+
+def _fused_linear(
+    hidden_states: torch.Tensor, linear: nn.Linear, gelu: bool = False, residual: torch.Tensor | None = None
+) -> torch.Tensor:
+    """`linear(hidden_states)` as one oneDNN product (see `_fuses_linears`), followed inside it by the exact GELU or
+    by `residual +`. Under CPU autocast the operands are cast to the autocast dtype first, as `F.linear` would be."""
+    weight, bias = linear.weight, linear.bias
+    if torch.is_autocast_enabled("cpu"):
+        dtype = torch.get_autocast_dtype("cpu")
+        hidden_states, weight = hidden_states.to(dtype), weight.to(dtype)
+        bias = bias.to(dtype) if bias is not None else None
+        residual = residual.to(dtype) if residual is not None else None
+    if residual is not None:
+        return _ONEDNN_LINEAR.binary(hidden_states, residual, weight, bias, "add")
+    if gelu:
+        return _ONEDNN_LINEAR(hidden_states, weight, bias, "gelu", [], "none")
+    return _ONEDNN_LINEAR(hidden_states, weight, bias, "none", [], "")
+
+
 class InternImageDropPath(nn.Module):
     """Stochastic depth per sample on the residual branch; identity in eval mode or with rate 0."""
 
@@ -133,13 +181,16 @@ class InternImageDCNv3(nn.Module):
         self.output_proj = nn.Linear(channels, channels)
         self.center_feature_scale_proj = nn.Linear(channels, groups) if config.center_feature_scale else None
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C); plus `residual` when given (added inside the output product on CPU)."""
         batch, height, width, _ = hidden_states.shape
-        values = self.input_proj(hidden_states)
+        fused = _fuses_linears(hidden_states, self.input_proj, self.offset, self.mask, self.output_proj)
+        project = _fused_linear if fused else _linear
+        values = project(hidden_states, self.input_proj)
         features = _to_channels_last(self.dw_conv(_to_channels_first(hidden_states)))
         features = self.dw_act(self.dw_norm(features))
-        offset = self.offset(features)
-        mask = _softmax_last_dim(self.mask(features).view(batch, height, width, self.groups, self.num_points))
+        offset = project(features, self.offset)
+        mask = _softmax_last_dim(project(features, self.mask).view(batch, height, width, self.groups, self.num_points))
         mask = mask.view(batch, height, width, -1).to(values.dtype)
         pad = (self.kernel_size - 1) // 2
         output = dcnv3_core(
@@ -151,7 +202,7 @@ class InternImageDCNv3(nn.Module):
             scale = self.center_feature_scale_proj(features).sigmoid().unsqueeze(-1)
             grouped = (batch, height, width, self.groups, self.group_channels)
             output = torch.lerp(output.view(grouped), values.view(grouped), scale.to(values.dtype)).flatten(-2)
-        return self.output_proj(output)
+        return project(output, self.output_proj, residual=residual)
 
 
 class InternImageMLP(nn.Module):
@@ -164,10 +215,17 @@ class InternImageMLP(nn.Module):
         self.act = ACT2FN[config.hidden_act]
         self.fc2 = nn.Linear(hidden, channels)
         self.dropout = nn.Dropout(config.hidden_dropout_prob)
+        self.exact_gelu = config.hidden_act == "gelu"  # the activation oneDNN can fuse into fc1
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, H, W, C) -> (B, H, W, C); plus `residual` when given (added inside the second product on CPU)."""
+        dropout_active = self.training and self.dropout.p > 0
+        if self.exact_gelu and not dropout_active and _fuses_linears(hidden_states, self.fc1, self.fc2):
+            hidden_states = _fused_linear(hidden_states, self.fc1, gelu=True)
+            return _fused_linear(hidden_states, self.fc2, residual=residual)
         hidden_states = self.dropout(self.act(self.fc1(hidden_states)))
-        return self.dropout(self.fc2(hidden_states))
+        hidden_states = self.dropout(self.fc2(hidden_states))
+        return hidden_states if residual is None else residual + hidden_states
 
 
 class InternImageLayer(GradientCheckpointingLayer):
@@ -215,6 +273,11 @@ class InternImageLayer(GradientCheckpointingLayer):
         return hidden_states + self.drop_path(update)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        plain_pre_norm = not self.post_norm and self.layer_scale1 is None and self.res_post_norm1 is None
+        if plain_pre_norm and (self.drop_path.drop_prob == 0.0 or not self.training):
+            # x + f(norm(x)), with the residual added inside f's last matrix product where that is fused.
+            hidden_states = self.dcn(self.norm1(hidden_states), residual=hidden_states)
+            return self.mlp(self.norm2(hidden_states), residual=hidden_states)
         hidden_states = self._residual(hidden_states, self.dcn, self.norm1, self.res_post_norm1, self.layer_scale1)
         return self._residual(hidden_states, self.mlp, self.norm2, self.res_post_norm2, self.layer_scale2)
 

@@ -12,6 +12,7 @@ import torch
 from conftest import FIXTURES
 from official_reference import InternImage
 
+import modeling_internimage
 from convert_checkpoints import config_from_official_kwargs, rename_official_key
 from modeling_internimage import InternImageForImageClassification
 
@@ -119,3 +120,53 @@ def test_reference_training_mode_applies_stochastic_depth():
     assert not torch.allclose(first, second)
     model.eval()
     torch.testing.assert_close(model(pixel_values), model(pixel_values), rtol=0, atol=0)
+
+
+@pytest.fixture
+def fused_linear_calls(monkeypatch):
+    """Counts the oneDNN fused matrix products the model runs (0 where this torch build has none)."""
+    calls = []
+    fused_linear = modeling_internimage._fused_linear
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("gelu", False) or kwargs.get("residual") is not None)
+        return fused_linear(*args, **kwargs)
+
+    monkeypatch.setattr(modeling_internimage, "_fused_linear", counting)
+    return calls
+
+
+@pytest.mark.parametrize("flags", FLAG_SETS.values(), ids=FLAG_SETS.keys())
+def test_cpu_inference_path_agrees_with_the_reference_in_float32(flags, fused_linear_calls):
+    """Without autograd on CPU the blocks' linears run as oneDNN products with the bias, the GELU and (pre-norm)
+    the residual fused in; the result stays the official model's within float32 rounding."""
+    reference, ours = reference_and_ours(0, **flags)
+    reference, ours = reference.float(), ours.float()
+    pixel_values = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference(pixel_values)
+        logits = ours(pixel_values).logits
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4 * expected.abs().max().item())
+    if modeling_internimage._ONEDNN_LINEAR is not None:
+        assert any(fused_linear_calls), "no fused product ran"
+    fused_linear_calls.clear()
+    ours(pixel_values).logits.sum().backward()  # with autograd: the plain modules
+    assert not fused_linear_calls and ours.classifier.weight.grad is not None
+
+
+@pytest.mark.parametrize("mode", ["bfloat16_model", "autocast"])
+def test_cpu_bfloat16_inference_keeps_the_reference_predictions(mode, fused_linear_calls):
+    reference, ours = reference_and_ours(0, **FLAG_SETS["h_style"])
+    reference, ours = reference.float(), ours.float()
+    pixel_values = torch.randn(8, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = reference(pixel_values)
+        if mode == "autocast":
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                logits = ours(pixel_values).logits
+        else:
+            logits = ours.bfloat16()(pixel_values.bfloat16()).logits
+    assert logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), expected, rtol=0, atol=0.05 * expected.abs().max().item())
+    fast_bfloat16 = torch.backends.cpu.get_cpu_capability() == "AVX512"
+    assert bool(fused_linear_calls) == (modeling_internimage._ONEDNN_LINEAR is not None and fast_bfloat16)
