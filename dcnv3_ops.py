@@ -101,13 +101,18 @@ class _BilinearSampling(NamedTuple):
     corner_shifts: tuple[int, int, int, int]  # row offsets of the corners: top-left, top-right, bottom-left/-right
 
     def corner_weights(self, dtype: torch.dtype) -> Iterator[torch.Tensor]:
-        """mask * bilinear weight of each corner in `dtype`, one at a time (in the order of `corner_shifts`)."""
-        bottom = self.mask * self.frac_y
+        """mask * bilinear weight of each corner in `dtype`, one at a time (in the order of `corner_shifts`).
+
+        Consumes the fractions (updated in place, so that only two new tensors are made).
+        """
+        bottom = self.frac_y.mul_(self.mask)
         top = self.mask - bottom
-        for row_weight in (top, bottom):
-            right = row_weight * self.frac_x
-            yield (row_weight - right).to(dtype)
-            yield right.to(dtype)
+        right = top * self.frac_x
+        yield top.sub_(right).to(dtype)
+        yield right.to(dtype)
+        right = self.frac_x.mul_(bottom)
+        yield bottom.sub_(right).to(dtype)
+        yield right.to(dtype)
 
 
 def _zero_bordered_table(input: torch.Tensor, group_channels: int) -> torch.Tensor:
@@ -173,9 +178,11 @@ def _dcnv3_pytorch_forward(
         offset_scale, remove_center,
     )
     table = _zero_bordered_table(input, group_channels)
+    rows = sampling.rows.view(-1)
+    bag_starts = torch.arange(0, rows.numel(), sampling.rows.shape[1], device=rows.device, dtype=rows.dtype)
     output = None
     for shift, weight in zip(sampling.corner_shifts, sampling.corner_weights(input.dtype)):
-        sampled = F.embedding_bag(sampling.rows, table[shift:], mode="sum", per_sample_weights=weight)
+        sampled = F.embedding_bag(rows, table[shift:], bag_starts, mode="sum", per_sample_weights=weight.view(-1))
         output = sampled if output is None else output.add_(sampled)
     return output.view(*offset.shape[:3], input.shape[-1])
 
