@@ -43,6 +43,7 @@ logger = logging.get_logger(__name__)
 BACKEND_ENV_VAR = "INTERNIMAGE_DCN_BACKEND"
 BACKENDS = ("auto", "triton", "cuda", "pytorch")
 _CPU_GATHER_CHUNK_BYTES = 2**21
+_CPU_CHUNK_POINTS = 2**18
 
 
 def _kernel_taps(kernel: int, dilation: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -166,13 +167,24 @@ def _bilinear_sampling(
     )
 
 
-def _dcnv3_pytorch_forward(
+def _image_chunks(mask: torch.Tensor) -> list[slice]:
+    """The slices of the batch the CPU op processes together: about `_CPU_CHUNK_POINTS` sampling points at a time,
+    so that the table and the temporaries of a chunk stay cache-sized (1.3-1.6x faster at T's first stage). One slice
+    on other devices and under `torch.export` (whose graphs keep the batch size dynamic)."""
+    batch = mask.shape[0]
+    if mask.device.type != "cpu" or torch.compiler.is_exporting() or batch == 0:
+        return [slice(0, batch)]
+    images = max(1, _CPU_CHUNK_POINTS // max(1, mask[0].numel()))
+    return [slice(start, start + images) for start in range(0, batch, images)]
+
+
+def _sample(
     input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int, stride_h: int,
     stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int, group_channels: int,
-    offset_scale: float, remove_center: int,
+    offset_scale: float, remove_center: int, out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The forward as plain differentiable PyTorch operators: four `F.embedding_bag` calls (one per bilinear
-    corner, no (N, H_out, W_out, G, P, Cg) intermediate) over the zero-bordered table."""
+    """The forward of a batch in four `F.embedding_bag` calls (one per bilinear corner, no (N, H_out, W_out, G, P,
+    Cg) intermediate) over the zero-bordered table; written into `out` when given."""
     sampling = _bilinear_sampling(
         input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
         offset_scale, remove_center,
@@ -180,11 +192,33 @@ def _dcnv3_pytorch_forward(
     table = _zero_bordered_table(input, group_channels)
     rows = sampling.rows.view(-1)
     bag_starts = torch.arange(0, rows.numel(), sampling.rows.shape[1], device=rows.device, dtype=rows.dtype)
-    output = None
-    for shift, weight in zip(sampling.corner_shifts, sampling.corner_weights(input.dtype)):
-        sampled = F.embedding_bag(rows, table[shift:], bag_starts, mode="sum", per_sample_weights=weight.view(-1))
-        output = sampled if output is None else output.add_(sampled)
-    return output.view(*offset.shape[:3], input.shape[-1])
+    corners = [
+        F.embedding_bag(rows, table[shift:], bag_starts, mode="sum", per_sample_weights=weight.view(-1))
+        for shift, weight in zip(sampling.corner_shifts, sampling.corner_weights(input.dtype))
+    ]
+    output = corners[0].add_(corners[1]).add_(corners[2])
+    if out is None:
+        return output.add_(corners[3]).view(*offset.shape[:3], input.shape[-1])
+    return torch.add(output, corners[3], out=out.view(output.shape))
+
+
+def _dcnv3_pytorch_forward(
+    input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int, stride_h: int,
+    stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int, group_channels: int,
+    offset_scale: float, remove_center: int,
+) -> torch.Tensor:
+    """The forward as plain differentiable PyTorch operators (`_sample`), in chunks of images on CPU."""
+    arguments = (
+        kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
+        offset_scale, remove_center,
+    )
+    chunks = _image_chunks(mask)
+    if len(chunks) == 1:
+        return _sample(input, offset, mask, *arguments)
+    output = input.new_empty(*offset.shape[:3], input.shape[-1])
+    for images in chunks:
+        _sample(input[images], offset[images], mask[images], *arguments, out=output[images])
+    return output
 
 
 def _corner_products(
@@ -270,12 +304,12 @@ def _table_gradient(sampling: _BilinearSampling, grad_output: torch.Tensor, num_
     return grad_table
 
 
-def _dcnv3_pytorch_backward(
+def _sample_backward(
     grad_output: torch.Tensor, input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int,
     kernel_w: int, stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int,
     group: int, group_channels: int, offset_scale: float, remove_center: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients (input, offset, mask) of the forward for `grad_output`, computed directly (the sampling positions
+    """Gradients (input, offset, mask) of `_sample` for `grad_output`, computed directly (the sampling positions
     are recomputed, which is cheap next to the rest): the table gradient (`_table_gradient`), and from the dot
     products of the output gradient with the corner rows (`_corner_products`) the chain rule through the bilinear
     weights to the mask and the positions (offsets)."""
@@ -303,6 +337,27 @@ def _dcnv3_pytorch_backward(
               out=grad_offset[..., 0])
     torch.mul(bottom_minus_top, scaled_mask, out=grad_offset[..., 1])
     return grad_input, grad_offset.view(offset.shape).to(offset.dtype), grad_mask.view(mask.shape).to(mask.dtype)
+
+
+def _dcnv3_pytorch_backward(
+    grad_output: torch.Tensor, input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int,
+    kernel_w: int, stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int,
+    group: int, group_channels: int, offset_scale: float, remove_center: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients (input, offset, mask) of the forward (`_sample_backward`), in the forward's chunks of images."""
+    arguments = (
+        kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
+        offset_scale, remove_center,
+    )
+    chunks = _image_chunks(mask)
+    if len(chunks) == 1:
+        return _sample_backward(grad_output, input, offset, mask, *arguments)
+    grads = (torch.empty_like(input), torch.empty_like(offset), torch.empty_like(mask))
+    for images in chunks:
+        chunk_grads = _sample_backward(grad_output[images], input[images], offset[images], mask[images], *arguments)
+        for grad, chunk_grad in zip(grads, chunk_grads):
+            grad[images] = chunk_grad
+    return grads
 
 
 # Opaque to `torch.compile` as a custom operator: inductor's fused code for the index arithmetic is not vectorised

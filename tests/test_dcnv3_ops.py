@@ -262,6 +262,19 @@ def test_corner_products_sampled_and_gathered_in_chunks_agree(monkeypatch, dtype
     torch.testing.assert_close(gathered, expected, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-5)
 
 
+def test_chunks_of_images_change_nothing(monkeypatch):
+    """On CPU the op runs in chunks of images (about `_CPU_CHUNK_POINTS` sampling points each): forward and
+    gradients are those of one pass over the whole batch, with a partial last chunk."""
+    inputs, args, grad_weight = random_case(batch=5, height=6, width=7, seed=5)
+    expected_output, expected_grads = run_op(dcnv3_core_pytorch, inputs, args, grad_weight, torch.float64)
+    monkeypatch.setattr(dcnv3_ops, "_CPU_CHUNK_POINTS", 2 * 6 * 7 * 2 * 9)  # two of the five images per chunk
+    assert len(dcnv3_ops._image_chunks(inputs["mask"])) == 3
+    output, grads = run_op(dcnv3_core_pytorch, inputs, args, grad_weight, torch.float64)
+    torch.testing.assert_close(output, expected_output, rtol=0, atol=0)
+    for name in GRADIENTS:  # the table gradient sums in another order
+        torch.testing.assert_close(grads[name], expected_grads[name], rtol=0, atol=1e-12)
+
+
 def test_operators_are_registered_once_per_process(monkeypatch):
     """Loading the op files again under other names (as remote code does) must not register the custom operators
     again: that invalidates the handles the first copy holds (the converter's reload check crashed on it)."""
