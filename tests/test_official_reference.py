@@ -170,3 +170,22 @@ def test_cpu_bfloat16_inference_keeps_the_reference_predictions(mode, fused_line
     torch.testing.assert_close(logits.float(), expected, rtol=0, atol=0.05 * expected.abs().max().item())
     fast_bfloat16 = torch.backends.cpu.get_cpu_capability() == "AVX512"
     assert bool(fused_linear_calls) == (modeling_internimage._ONEDNN_LINEAR is not None and fast_bfloat16)
+
+
+@pytest.mark.parametrize("flags", [FLAG_SETS["s_style"], FLAG_SETS["h_style"], TINY], ids=["s_style", "h_style", "t"])
+def test_training_gradients_agree_with_the_reference(flags):
+    """In float32 with autograd the blocks' linears fuse only the bias into the oneDNN product (with `F.linear`'s
+    backward), and stochastic depth and layer scale are applied to the residual in one pass: the parameter
+    gradients stay the official model's."""
+    reference, ours = reference_and_ours(0, **flags)
+    reference, ours = reference.float().train(), ours.float().train()
+    pixel_values = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    labels = torch.tensor([1, 3])
+    torch.nn.functional.cross_entropy(reference(pixel_values), labels).backward()
+    torch.nn.functional.cross_entropy(ours(pixel_values).logits, labels).backward()
+    reference_grads = {rename_official_key(k): p.grad for k, p in reference.named_parameters()}
+    largest = max(grad.abs().max().item() for grad in reference_grads.values())
+    for name, parameter in ours.named_parameters():
+        expected = reference_grads[name]
+        atol = 1e-4 * expected.abs().max().item() + 1e-6 * largest  # float32 rounding of the whole backward
+        torch.testing.assert_close(parameter.grad, expected, rtol=1e-3, atol=atol, msg=name)
