@@ -148,16 +148,17 @@ def _bilinear_sampling(
     # whatever the fractions are; a NaN corner (NaN position) moves to the zero pixel (0, 0) and keeps NaN weights.
     corner_x.clamp_(0, width + 2)
     corner_y.clamp_(0, height + 2)
-    num_rows = batch * table_h * table_w * group
+    rows_per_image = table_h * table_w * group
     # int64 when exporting: ONNX graphs with a dynamic batch mix the index arithmetic with int64 shape values.
-    index_dtype = torch.int64 if torch.compiler.is_exporting() or num_rows >= 2**31 else torch.int32
-    # The row in floating point (exact below 2**24 in float32), then one integer conversion.
-    row_dtype = position_dtype if num_rows <= 2**24 else torch.float64
+    needs_int64 = torch.compiler.is_exporting() or batch * rows_per_image >= 2**31
+    index_dtype = torch.int64 if needs_int64 else torch.int32
+    # The row within the image in floating point (exact below 2**24 in float32), then one integer conversion.
+    row_dtype = position_dtype if rows_per_image <= 2**24 else torch.float64
     pixel = corner_x.to(row_dtype).add_(corner_y.to(row_dtype), alpha=table_w).nan_to_num_(nan=0.0)
-    image_group = torch.arange(batch, device=input.device, dtype=row_dtype).view(batch, 1, 1, 1, 1) * (
-        table_h * table_w * group
-    ) + torch.arange(group, device=input.device, dtype=row_dtype).view(group, 1)
-    rows = pixel.mul_(group).add_(image_group).to(index_dtype).view(-1, num_points)
+    image_group = torch.arange(batch, device=input.device, dtype=index_dtype).view(batch, 1, 1, 1, 1) * (
+        rows_per_image
+    ) + torch.arange(group, device=input.device, dtype=index_dtype).view(group, 1)
+    rows = pixel.mul_(group).to(index_dtype).add_(image_group).view(-1, num_points)
     row_below = table_w * group
     return _BilinearSampling(
         rows=rows,

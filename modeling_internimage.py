@@ -56,22 +56,56 @@ def _softmax_last_dim(logits: torch.Tensor) -> torch.Tensor:
 
 
 # oneDNN matrix products with the bias, a GELU or a residual add fused in (what inductor uses on CPU), when the
-# build has them: for CPU inference in eager mode they save the passes over the outputs that `F.linear` (bias copied
-# into the output first), a separate GELU and a separate residual add make.
+# build has them: for CPU inference they save the passes over the outputs that `F.linear` (bias copied into the output
+# first), a separate GELU and a separate residual add make. bfloat16 only with AVX-512 (with AVX-512 BF16 or AMX its
+# products are 3-6x faster than float32 ones; without AVX-512 oneDNN has no bfloat16 products and `F.linear` is kept).
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
+_ONEDNN_DTYPES = (torch.float32, torch.bfloat16) if torch.backends.cpu.get_cpu_capability() == "AVX512" else (
+    torch.float32,
+)
+# The custom operators registered by this copy of the file, kept alive for the life of the process.
+_DEFINITIONS: list = []
+
+
+def _onednn_product(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    residual: torch.Tensor | None,
+    gelu: bool,
+) -> torch.Tensor:
+    """`hidden_states @ weight.T + bias` in one oneDNN call, followed inside it by `residual +` or the exact GELU."""
+    if residual is not None:
+        return _ONEDNN_LINEAR.binary(hidden_states, residual, weight, bias, "add")
+    if gelu:
+        return _ONEDNN_LINEAR(hidden_states, weight, bias, "gelu", [], "none")
+    return _ONEDNN_LINEAR(hidden_states, weight, bias, "none", [], "")
+
+
+def _onednn_operator():
+    """`_onednn_product` as the custom operator `internimage::onednn_linear`, which torch.compile keeps as one call
+    (oneDNN's own operators have no fake implementation to trace them with). Registered once per process, like the
+    DCNv3 operators."""
+    if not hasattr(torch.ops.internimage, "onednn_linear"):
+        operator = torch.library.custom_op("internimage::onednn_linear", _onednn_product, mutates_args=())
+        operator.register_fake(
+            lambda hidden_states, weight, *_: hidden_states.new_empty(*hidden_states.shape[:-1], weight.shape[0])
+        )
+        _DEFINITIONS.append(operator)
+    return torch.ops.internimage.onednn_linear
+
+
+if _ONEDNN_LINEAR is not None:
+    _ONEDNN_OPERATOR = _onednn_operator()
 
 
 def _onednn_dtype(hidden_states: torch.Tensor) -> bool:
-    """Whether oneDNN's products suit this CPU computation in eager mode (torch.compile and torch.export see the plain
-    operators and fuse by themselves): float32, or bfloat16 on CPUs with AVX-512 (with AVX-512 BF16 or AMX the
-    products are 3-6x faster than in float32; without AVX-512 oneDNN has no bfloat16 products and `F.linear` is
-    kept)."""
-    if _ONEDNN_LINEAR is None or hidden_states.device.type != "cpu" or torch.compiler.is_compiling():
+    """Whether oneDNN's products suit this computation: CPU, not traced by torch.export (ONNX), and a dtype in
+    `_ONEDNN_DTYPES` (the autocast dtype under CPU autocast)."""
+    if _ONEDNN_LINEAR is None or hidden_states.device.type != "cpu" or torch.compiler.is_exporting():
         return False
     dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else hidden_states.dtype
-    if dtype == torch.bfloat16:
-        return torch.backends.cpu.get_cpu_capability() == "AVX512"
-    return dtype == torch.float32
+    return dtype in _ONEDNN_DTYPES
 
 
 def _fuses_linears(hidden_states: torch.Tensor, *linears: nn.Linear) -> bool:
@@ -107,7 +141,8 @@ def _linear(
 ) -> torch.Tensor:
     """`linear(hidden_states)`, plus `residual` when given: the counterpart of `_fused_linear` with autograd. On CPU
     in float32 (no autocast) the bias is fused into the oneDNN product (about 5% of a training step)."""
-    if hidden_states.dtype == torch.float32 and not torch.is_autocast_enabled("cpu") and _onednn_dtype(hidden_states):
+    eager_float32 = hidden_states.dtype == torch.float32 and not torch.compiler.is_compiling()
+    if eager_float32 and not torch.is_autocast_enabled("cpu") and _onednn_dtype(hidden_states):
         output = _BiasFusedLinear.apply(hidden_states, linear.weight, linear.bias)
     else:
         output = linear(hidden_states)
@@ -118,18 +153,16 @@ def _fused_linear(
     hidden_states: torch.Tensor, linear: nn.Linear, gelu: bool = False, residual: torch.Tensor | None = None
 ) -> torch.Tensor:
     """`linear(hidden_states)` as one oneDNN product (see `_fuses_linears`), followed inside it by the exact GELU or
-    by `residual +`. Under CPU autocast the operands are cast to the autocast dtype first, as `F.linear` would be."""
+    by `residual +`; under torch.compile as the custom operator. Under CPU autocast the operands are cast to the
+    autocast dtype first, as `F.linear` would be."""
     weight, bias = linear.weight, linear.bias
     if torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")
         hidden_states, weight = hidden_states.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
         residual = residual.to(dtype) if residual is not None else None
-    if residual is not None:
-        return _ONEDNN_LINEAR.binary(hidden_states, residual, weight, bias, "add")
-    if gelu:
-        return _ONEDNN_LINEAR(hidden_states, weight, bias, "gelu", [], "none")
-    return _ONEDNN_LINEAR(hidden_states, weight, bias, "none", [], "")
+    product = _ONEDNN_OPERATOR if torch.compiler.is_compiling() else _onednn_product
+    return product(hidden_states, weight, bias, residual, gelu)
 
 
 class InternImageDropPath(nn.Module):
