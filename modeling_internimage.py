@@ -360,7 +360,8 @@ class InternImageLayer(GradientCheckpointingLayer):
 class InternImageStage(nn.Module):
     """A stage: blocks, optional extra norms after given blocks, a final norm, then the downsampling.
 
-    `forward` returns the stage output (before downsampling) and the input of the next stage, channels-last.
+    `forward` returns the stage map (before downsampling) channels-first and the input of the next stage
+    channels-last.
     """
 
     def __init__(
@@ -386,18 +387,25 @@ class InternImageStage(nn.Module):
         self.downsample = InternImageDownsample(config, channels) if downsample else None
 
     def forward(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, H, W, C) -> the stage map (B, C, H, W) and the next stage's input (B, H/2, W/2, 2C).
+
+        The downsampling reads the returned map itself (through a channels-last view of it), so the map is on the
+        gradient path of everything computed after it.
+        """
         for index, layer in enumerate(self.layers):
             hidden_states = layer(hidden_states)
             if index in self.post_norm_block_ids:
                 hidden_states = self.post_norms[self.post_norm_block_ids.index(index)](hidden_states)
         if self.norm is not None:
             hidden_states = self.norm(hidden_states)
-        next_input = self.downsample(hidden_states) if self.downsample is not None else hidden_states
-        return hidden_states, next_input
+        stage_map = _to_channels_first(hidden_states)
+        next_input = self.downsample(_to_channels_last(stage_map)) if self.downsample is not None else None
+        return stage_map, next_input
 
 
 class InternImageEncoder(nn.Module):
-    """The stages; returns every stage output (channels-last, before downsampling)."""
+    """The stages; returns every stage map (channels-first, before downsampling), each the tensor the next stage
+    and the poolers read."""
 
     def __init__(self, config: InternImageConfig) -> None:
         super().__init__()
@@ -423,11 +431,12 @@ class InternImageEncoder(nn.Module):
             start += depth
 
     def forward(self, hidden_states: torch.Tensor) -> list[torch.Tensor]:
-        stage_outputs = []
+        """(B, H/4, W/4, C) channels-last stem output -> the stage maps (B, C*2^i, H/2^(i+2), W/2^(i+2))."""
+        stage_maps = []
         for stage in self.stages:
-            stage_output, hidden_states = stage(hidden_states)
-            stage_outputs.append(stage_output)
-        return stage_outputs
+            stage_map, hidden_states = stage(hidden_states)
+            stage_maps.append(stage_map)
+        return stage_maps
 
 
 class InternImageConvPooler(nn.Module):
@@ -440,8 +449,9 @@ class InternImageConvPooler(nn.Module):
         self.norm = nn.BatchNorm2d(config.pooler_output_size, eps=config.batch_norm_eps)
         self.act = ACT2FN[config.hidden_act]
 
-    def forward(self, stage_outputs: list[torch.Tensor]) -> torch.Tensor:
-        hidden_states = self.act(self.norm(self.conv(_to_channels_first(stage_outputs[-1]))))
+    def forward(self, stage_maps: list[torch.Tensor]) -> torch.Tensor:
+        """The channels-first stage maps -> (B, ratio*8C)."""
+        hidden_states = self.act(self.norm(self.conv(stage_maps[-1])))
         return hidden_states.mean(dim=(2, 3))
 
 
@@ -489,8 +499,9 @@ class InternImageAttentionPooler(nn.Module):
         self.attention = InternImageAttentionPooling(config)
         self.norm = nn.LayerNorm(config.attention_pooler_output_size, eps=config.layer_norm_eps)
 
-    def forward(self, stage_outputs: list[torch.Tensor]) -> torch.Tensor:
-        third, last = _to_channels_first(stage_outputs[-2]), _to_channels_first(stage_outputs[-1])
+    def forward(self, stage_maps: list[torch.Tensor]) -> torch.Tensor:
+        """The channels-first stage maps -> (B, attention_pooler_output_size)."""
+        third, last = stage_maps[-2], stage_maps[-1]
         upsampled = self.pixel_shuffle(self.upsample_proj(last))
         if upsampled.shape[-2:] != third.shape[-2:]:
             raise ValueError(
@@ -561,7 +572,8 @@ class InternImageModel(InternImagePreTrainedModel):
 
     Outputs: `last_hidden_state` (B, 8C, H/32, W/32), `pooler_output` (B, pooler_output_size) or `None`, and
     `hidden_states`, the four stage maps (B, C*2^i, H/2^(i+2), W/2^(i+2)) after each stage's norm and before
-    downsampling. `hidden_states` are returned unless `output_hidden_states=False`.
+    downsampling. `hidden_states` are returned unless `output_hidden_states=False`. The returned maps are the
+    tensors the rest of the network reads (`last_hidden_state` is the last of them), so gradients reach them.
     """
 
     def __init__(self, config: InternImageConfig) -> None:
@@ -593,10 +605,10 @@ class InternImageModel(InternImagePreTrainedModel):
         output_hidden_states = True if output_hidden_states is None else output_hidden_states
         return_dict = self.config.return_dict if return_dict is None else return_dict
 
-        stage_outputs = self.encoder(self.dropout(self.embeddings(pixel_values)))
-        pooled_output = self.pooler(stage_outputs) if self.pooler is not None else None
-        last_hidden_state = _to_channels_first(stage_outputs[-1])
-        hidden_states = tuple(_to_channels_first(h) for h in stage_outputs) if output_hidden_states else None
+        stage_maps = self.encoder(self.dropout(self.embeddings(pixel_values)))
+        pooled_output = self.pooler(stage_maps) if self.pooler is not None else None
+        last_hidden_state = stage_maps[-1]
+        hidden_states = tuple(stage_maps) if output_hidden_states else None
 
         if not return_dict:
             return tuple(v for v in (last_hidden_state, pooled_output, hidden_states) if v is not None)
@@ -661,7 +673,8 @@ class InternImageBackbone(BackboneMixin, InternImagePreTrainedModel):
 
     `feature_maps` holds, for each name in `config.out_features`, the stem output (B, C, H/4, W/4) for `"stem"` or
     stage `i`'s map (B, C*2^(i-1), H/2^(i+1), W/2^(i+1)) for `"stage{i}"`: after the stage norm and before the
-    downsampling, the same tensors as `InternImageModel`'s `hidden_states`. The module names match
+    downsampling, the same tensors as `InternImageModel`'s `hidden_states`. Each map is the tensor the later
+    stages read, so gradients of anything computed from a later map reach it. The module names match
     `InternImageModel`, so classification checkpoints load into it. `config.frozen_stages` stages stay frozen.
     """
 
@@ -708,9 +721,9 @@ class InternImageBackbone(BackboneMixin, InternImagePreTrainedModel):
             output_hidden_states = self.config.output_hidden_states
         return_dict = self.config.return_dict if return_dict is None else return_dict
 
-        stem = self.embeddings(pixel_values)
-        stage_outputs = self.encoder(self.dropout(stem))
-        hidden_states = tuple(_to_channels_first(h) for h in (stem, *stage_outputs))
+        stem = _to_channels_first(self.embeddings(pixel_values))
+        stage_maps = self.encoder(self.dropout(_to_channels_last(stem)))
+        hidden_states = (stem, *stage_maps)
         feature_maps = tuple(hidden_states[self.stage_names.index(name)] for name in self.out_features)
 
         if not return_dict:

@@ -8,6 +8,7 @@ pixel (0, 0), which such points must not read, and the first entry poisoned in t
 
 from __future__ import annotations
 
+import pytest
 import torch
 from dcnv3_oracle import oracle_dcnv3_core
 
@@ -16,6 +17,18 @@ TENSORS = ("input", "offset", "mask")
 # kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels, offset_scale,
 # remove_center
 ARGUMENTS = (3, 3, 1, 1, 1, 1, 1, 1, 2, 4, 1.0, 0)
+ATOL = {torch.float32: 5e-5, torch.float64: 1e-10}
+
+
+def non_finite_cases(*dtypes: torch.dtype) -> pytest.MarkDecorator:
+    """Parametrises a test over (name, value, dtype): NaN, inf and -inf in each of the three tensors, per dtype."""
+    cases = [
+        pytest.param(name, value, dtype, id=f"{name}-{key}-{str(dtype).removeprefix('torch.')}")
+        for dtype in dtypes
+        for name in TENSORS
+        for key, value in NON_FINITE.items()
+    ]
+    return pytest.mark.parametrize("name, value, dtype", cases)
 
 
 def poisoned_case(name: str, value: float, seed: int = 0) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -41,7 +54,7 @@ def forward_and_gradients(
     op, tensors: dict[str, torch.Tensor], grad_weight: torch.Tensor, dtype: torch.dtype, device: str = "cpu"
 ) -> list[torch.Tensor]:
     """[output, grad_input, grad_offset, grad_mask] of `op` in `dtype`, as float64 on the CPU."""
-    leaves = [tensors[name].to(device, dtype).requires_grad_() for name in TENSORS]
+    leaves = [tensors[name].to(device, dtype, copy=True).requires_grad_() for name in TENSORS]
     output = op(*leaves, *ARGUMENTS)
     gradients = torch.autograd.grad((output * grad_weight.to(device, dtype)).sum(), leaves)
     return [result.detach().double().cpu() for result in (output, *gradients)]
@@ -57,13 +70,13 @@ def assert_same_non_finite(actual: list[torch.Tensor], expected: list[torch.Tens
 
 
 def check_against_the_official_formulation(
-    op, name: str, value: float, dtype: torch.dtype = torch.float32, device: str = "cpu", atol: float = 5e-5
+    op, name: str, value: float, dtype: torch.dtype, device: str = "cpu"
 ) -> list[torch.Tensor]:
     """Run `op` on the poisoned case and compare it with the oracle in `dtype`; returns op's results."""
     tensors, grad_weight = poisoned_case(name, value)
     actual = forward_and_gradients(op, tensors, grad_weight, dtype, device)
     expected = forward_and_gradients(oracle_dcnv3_core, tensors, grad_weight, dtype)
-    assert_same_non_finite(actual, expected, atol)
+    assert_same_non_finite(actual, expected, ATOL[dtype])
     if name == "offset" or value != value:  # a non-finite position, or a NaN anywhere, gives NaN (not ±inf)
         assert actual[0][~torch.isfinite(actual[0])].isnan().all()
     return actual

@@ -28,6 +28,17 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from dcnv3_non_finite import (  # noqa: E402
+    ARGUMENTS,
+    ATOL,
+    assert_same_non_finite,
+    check_against_the_official_formulation,
+    forward_and_gradients,
+    non_finite_cases,
+    poisoned_case,
+)
+from dcnv3_oracle import oracle_dcnv3_core  # noqa: E402
+
 import dcnv3_ops  # noqa: E402
 from dcnv3_ops import dcnv3_core, dcnv3_core_pytorch, resolve_dcn_backend  # noqa: E402
 
@@ -373,6 +384,18 @@ def test_emulated_kernels_match_pytorch_beyond_the_fixtures(
         torch.testing.assert_close(result, reference, atol=1e-12, rtol=0, msg=name)
 
 
+@non_finite_cases(torch.float64, torch.float32)
+def test_emulated_kernels_handle_non_finite_values_as_the_official_formulation(host_emulation, name, value, dtype):
+    """NaN or ±inf in input, offsets or mask: the same non-finite outputs and gradients as the official grid_sample
+    formulation (NaN for a NaN or infinite position, also far outside the image), and no pixel read by a point whose
+    corners are all outside the image."""
+    tensors, grad_weight = poisoned_case(name, value)
+    case = {**dict(zip(HYPER_PARAMETERS, ARGUMENTS)), **tensors, "grad_weight": grad_weight}
+    expected = forward_and_gradients(oracle_dcnv3_core, tensors, grad_weight, dtype)
+    results = _emulate(host_emulation, case, "double" if dtype == torch.float64 else "float", blocks=2)
+    assert_same_non_finite(results, expected, ATOL[dtype])
+
+
 # ------------------------------------------------------------------------------------------------------------ GPU
 
 
@@ -452,6 +475,13 @@ def test_batch_300_and_group_channels_match_pytorch(group_channels):
     expected = _run_with_grads(dcnv3_core_pytorch, *(t.double() for t in tensors), hyper)
     for name, result, reference in zip(("output", "grad_input", "grad_offset", "grad_mask"), results, expected):
         torch.testing.assert_close(result.double(), reference, atol=1e-4, rtol=1e-4, msg=name)
+
+
+@pytest.mark.gpu
+@needs_gpu
+@non_finite_cases(torch.float32, torch.float64)
+def test_non_finite_values_match_the_official_formulation(name, value, dtype):
+    check_against_the_official_formulation(extension.dcnv3_cuda, name, value, dtype, device="cuda")
 
 
 @pytest.mark.gpu

@@ -36,10 +36,12 @@ from transformers_common import load_transformers_common_tests  # noqa: E402
 import dcnv3_ops  # noqa: E402
 from configuration_internimage import AUTO_MAP, InternImageConfig  # noqa: E402
 from modeling_internimage import (  # noqa: E402
+    InternImageBackbone,
     InternImageDCNv3,
     InternImageForImageClassification,
     InternImageLayer,
     InternImageModel,
+    InternImageStage,
 )
 
 COMMON = load_transformers_common_tests()
@@ -212,9 +214,6 @@ class InternImageModelTest(COMMON.ModelTesterMixin, unittest.TestCase):
 
     @unittest.skip(reason="InternImage takes pixel values, it has no input embeddings")
     def test_model_get_set_embeddings(self) -> None: ...
-
-    @unittest.skip(reason="InternImage has no attention outputs to retain gradients of (hidden states are checked)")
-    def test_retain_grad_hidden_states_attentions(self) -> None: ...
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -405,6 +404,64 @@ def test_stochastic_depth_only_in_train_mode():
 
 
 # ---------------------------------------------------------------------------------------------------------------
+# Gradients through the returned maps (Grad-CAM and other attributions)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _stage_norm_outputs(model: nn.Module) -> list[torch.Tensor]:
+    """Filled, during the next forward, with each stage's final-norm output (the channels-last stage map)."""
+    captured = []
+    for module in model.modules():
+        if isinstance(module, InternImageStage):
+            module.norm.register_forward_hook(lambda norm, args, output: captured.append(output))
+    return captured
+
+
+@pytest.mark.parametrize("make_config", [tiny_config, tiny_attention_pooler_config], ids=["conv", "attention"])
+def test_classifier_stage_maps_receive_the_gradient_of_a_logit(make_config):
+    """`hidden_states[i].retain_grad()` then `logits[0, k].backward()`: every returned map gets d logit / d map, the
+    gradient of the stage's own channels-last output (they used to get none: the network consumed another view)."""
+    model = seeded(InternImageForImageClassification, make_config())
+    norm_outputs = _stage_norm_outputs(model)
+    outputs = model(pixels(size=64), output_hidden_states=True)
+    logit = outputs.logits[0, 3]
+    expected = torch.autograd.grad(logit, norm_outputs, retain_graph=True)  # before retain_grad, which it would fill
+    for hidden_state in outputs.hidden_states:
+        hidden_state.retain_grad()
+    logit.backward()
+    for index, (hidden_state, gradient) in enumerate(zip(outputs.hidden_states, expected)):
+        assert hidden_state.grad is not None, f"stage {index + 1} map has no gradient"
+        assert gradient.abs().sum() > 0
+        torch.testing.assert_close(hidden_state.grad, gradient.permute(0, 3, 1, 2), rtol=0, atol=0)
+
+
+def test_base_model_last_hidden_state_is_the_last_stage_map_on_the_gradient_path():
+    model = seeded(InternImageModel, tiny_config())
+    for output_hidden_states in (True, False):
+        outputs = model(pixels(), output_hidden_states=output_hidden_states)
+        maps = (outputs.last_hidden_state, *(outputs.hidden_states or ()))
+        for hidden_state in maps:
+            hidden_state.retain_grad()
+        outputs.pooler_output[1].sum().backward()
+        assert all(hidden_state.grad is not None and hidden_state.grad.abs().sum() > 0 for hidden_state in maps)
+        if output_hidden_states:
+            assert outputs.last_hidden_state is outputs.hidden_states[-1]
+
+
+def test_backbone_feature_maps_are_on_the_gradient_path():
+    """A dense head reads every feature map; each map, the stem's included, also feeds the later ones."""
+    config = tiny_config(out_features=["stem", "stage1", "stage2", "stage3", "stage4"])
+    model = seeded(InternImageBackbone, config)
+    outputs = model(pixels(), output_hidden_states=True)
+    assert all(feature is hidden for feature, hidden in zip(outputs.feature_maps, outputs.hidden_states))
+    for feature_map in outputs.feature_maps:
+        feature_map.retain_grad()
+    outputs.feature_maps[-1].square().sum().backward()
+    for feature_map in outputs.feature_maps:
+        assert feature_map.grad is not None and feature_map.grad.abs().sum() > 0
+
+
+# ---------------------------------------------------------------------------------------------------------------
 # Input validation
 # ---------------------------------------------------------------------------------------------------------------
 
@@ -483,6 +540,80 @@ def test_float64_model_matches_float32():
         logits64 = model.double()(pixels(size=64).double()).logits
     assert logits64.dtype == torch.float64
     torch.testing.assert_close(logits64.float(), logits32, rtol=0, atol=1e-4)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Non-finite values
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _backend_on_gpu(backend: str) -> str:
+    """`backend`, or a skip when it cannot run on this machine's GPU."""
+    if not torch.cuda.is_available():
+        pytest.skip("needs a CUDA device")
+    if backend == "triton" and not dcnv3_ops.triton_is_available():
+        pytest.skip("triton is not installed")
+    if backend == "cuda" and dcnv3_ops._cuda_extension_module() is None:
+        pytest.skip("the dcnv3_cuda extension is not built (pip install ./dcnv3_cuda --no-build-isolation)")
+    return backend
+
+
+def check_nan_input_gives_nan_logits(backend: str, device: str) -> None:
+    """A NaN pixel makes its own image's logits NaN, without raising (the NaN offsets it causes used to crash the
+    PyTorch backend with an out-of-range index), and leaves the other image alone (eval mode)."""
+    model = seeded(InternImageForImageClassification, tiny_config(dcn_backend=backend)).to(device)
+    pixel_values = pixels().to(device)
+    pixel_values[0, :, 5, 7] = float("nan")
+    with torch.no_grad():
+        logits = model(pixel_values).logits
+    assert logits[0].isnan().all() and torch.isfinite(logits[1]).all()
+
+
+def check_loss_scaler_skips_the_step_after_an_overflow(overflow: str, backend: str, device: str) -> None:
+    """float16 autocast and a `GradScaler`: an overflow in the forward (huge pixels, or an offset projection whose
+    output exceeds float16's 65504, i.e. infinite offsets) gives a non-finite loss, the scaler sees non-finite
+    gradients and skips the step (parameters unchanged, scale halved) instead of the run crashing or stepping."""
+    model = seeded(InternImageForImageClassification, tiny_config(dcn_backend=backend)).to(device).train()
+    pixel_values = pixels().to(device)
+    if overflow == "input":
+        pixel_values = pixel_values * 1e6
+    else:
+        with torch.no_grad():
+            model.internimage.encoder.stages[1].layers[0].dcn.offset.bias[0] = 1e5
+    parameters = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler(device, init_scale=1024.0)
+    with torch.autocast(device, dtype=torch.float16):
+        loss = model(pixel_values, labels=torch.tensor([1, 2], device=device)).loss
+    assert not torch.isfinite(loss)
+    scaler.scale(loss).backward()
+    scaler.step(optimizer)
+    scaler.update()
+    assert scaler.get_scale() == 512.0
+    for name, parameter in model.named_parameters():
+        torch.testing.assert_close(parameter.detach(), parameters[name], rtol=0, atol=0, msg=name)
+
+
+def test_nan_input_gives_nan_logits(backend_env):
+    check_nan_input_gives_nan_logits("pytorch", "cpu")
+
+
+@pytest.mark.parametrize("overflow", ["input", "offset"])
+def test_float16_loss_scaler_skips_the_step_after_an_overflow(backend_env, overflow):
+    check_loss_scaler_skips_the_step_after_an_overflow(overflow, "pytorch", "cpu")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["pytorch", "triton", "cuda"])
+def test_gpu_nan_input_gives_nan_logits(backend_env, backend):
+    check_nan_input_gives_nan_logits(_backend_on_gpu(backend), "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("overflow", ["input", "offset"])
+@pytest.mark.parametrize("backend", ["pytorch", "triton", "cuda"])
+def test_gpu_float16_loss_scaler_skips_the_step_after_an_overflow(backend_env, backend, overflow):
+    check_loss_scaler_skips_the_step_after_an_overflow(overflow, _backend_on_gpu(backend), "cuda")
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -10,6 +10,10 @@
 //   half_w = dilation_w * (kernel_w - 1) / 2   (y likewise),
 // bilinearly, with zeros outside the image. Arithmetic runs in at::opmath_type<scalar_t> (float for half,
 // bfloat16 and float; double for double); flat indices are 64-bit.
+//
+// Non-finite values follow the official grid_sample formulation (not the official CUDA kernel, which skips a point
+// at a NaN position): a NaN or infinite position makes the point's sample NaN, a NaN or infinite mask value or
+// pixel the products it takes part in, and no pixel outside a point's four corners is ever read.
 
 #include <Python.h>
 
@@ -43,10 +47,11 @@ __device__ __forceinline__ float floor_op(float value) { return floorf(value); }
 __device__ __forceinline__ double floor_op(double value) { return floor(value); }
 
 // Bilinear footprint of one sampling position: the four corners (x0, y0), (x0 + 1, y0), (x0, y0 + 1),
-// (x0 + 1, y0 + 1) as element offsets into the (H, W, C) image, their weights, and whether each is inside.
+// (x0 + 1, y0 + 1) as element offsets into the (H, W, C) image, their bilinear weights, and whether each is inside
+// the image (only those are read; the others count as zero). A NaN or infinite position has NaN fractions and
+// weights (inf - inf) and no corner inside, so its sample is NaN.
 template <typename opmath_t>
 struct Footprint {
-  bool touches_image;
   opmath_t frac_x, frac_y;
   int64_t corner_offset[4];
   opmath_t corner_weight[4];
@@ -65,16 +70,15 @@ __device__ __forceinline__ Footprint<opmath_t> sampling_footprint(
   const opmath_t x = static_cast<opmath_t>(geo.half_w - geo.pad_w + col * geo.stride_w) + offset_scale * (tap_x + dx);
   const opmath_t y = static_cast<opmath_t>(geo.half_h - geo.pad_h + row * geo.stride_h) + offset_scale * (tap_y + dy);
   Footprint<opmath_t> footprint;
-  footprint.touches_image = x > -1 && y > -1 && x < geo.width && y < geo.height;
-  if (!footprint.touches_image) {
-    return footprint;
-  }
   const opmath_t x_floor = floor_op(x);
   const opmath_t y_floor = floor_op(y);
-  const int64_t x0 = static_cast<int64_t>(x_floor);
-  const int64_t y0 = static_cast<int64_t>(y_floor);
   footprint.frac_x = x - x_floor;
   footprint.frac_y = y - y_floor;
+  // Only a position with a corner in the image is cast to integers (so the cast is always defined, NaN and inf
+  // included); the corners of any other lie at (-2, -2) and (-1, -1), outside.
+  const bool touches_image = x > -1 && y > -1 && x < geo.width && y < geo.height;
+  const int64_t x0 = touches_image ? static_cast<int64_t>(x_floor) : -2;
+  const int64_t y0 = touches_image ? static_cast<int64_t>(y_floor) : -2;
 #pragma unroll
   for (int corner = 0; corner < 4; ++corner) {
     const int64_t corner_x = x0 + (corner & 1);
@@ -83,7 +87,7 @@ __device__ __forceinline__ Footprint<opmath_t> sampling_footprint(
     const opmath_t weight_y = (corner >> 1) ? footprint.frac_y : 1 - footprint.frac_y;
     const bool inside = corner_x >= 0 && corner_x < geo.width && corner_y >= 0 && corner_y < geo.height;
     footprint.corner_inside[corner] = inside;
-    footprint.corner_weight[corner] = inside ? weight_x * weight_y : opmath_t(0);
+    footprint.corner_weight[corner] = weight_x * weight_y;
     footprint.corner_offset[corner] = inside ? (corner_y * geo.width + corner_x) * geo.channels : 0;
   }
   return footprint;
@@ -126,18 +130,17 @@ __global__ void dcnv3_forward_kernel(
       const auto footprint = sampling_footprint<opmath_t>(
           geo, row, col, point, static_cast<opmath_t>(point_offset[2 * point]),
           static_cast<opmath_t>(point_offset[2 * point + 1]), offset_scale);
-      if (!footprint.touches_image) {
-        continue;
-      }
       const opmath_t weight = static_cast<opmath_t>(point_mask[point]);
 #pragma unroll
       for (int corner = 0; corner < 4; ++corner) {
+        // A corner outside the image adds weight * 0: zero, or NaN where a weight is NaN or infinite.
         const opmath_t corner_weight = footprint.corner_weight[corner] * weight;
+        const bool inside = footprint.corner_inside[corner];
         const scalar_t* corner_image = image + footprint.corner_offset[corner];
 #pragma unroll
         for (int k = 0; k < kChannelsPerThread; ++k) {
           if (has_channel[k]) {
-            sum[k] += corner_weight * static_cast<opmath_t>(corner_image[k * slots]);
+            sum[k] += corner_weight * (inside ? static_cast<opmath_t>(corner_image[k * slots]) : opmath_t(0));
           }
         }
       }
@@ -182,7 +185,7 @@ __global__ void dcnv3_backward_kernel(
             geo, row, col, point, static_cast<opmath_t>(offset[2 * point_index]),
             static_cast<opmath_t>(offset[2 * point_index + 1]), offset_scale);
         const opmath_t weight = static_cast<opmath_t>(mask[point_index]);
-        for (int64_t channel = lane; footprint.touches_image && channel < geo.group_channels; channel += lanes) {
+        for (int64_t channel = lane; channel < geo.group_channels; channel += lanes) {
           const opmath_t grad = static_cast<opmath_t>(grad_output[pixel_group * geo.group_channels + channel]);
           opmath_t value[4];
 #pragma unroll
