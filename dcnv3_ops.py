@@ -22,7 +22,7 @@ import functools
 import importlib
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import NamedTuple
 
 import torch
@@ -51,6 +51,39 @@ def _kernel_taps(kernel: int, dilation: int, device: torch.device, dtype: torch.
     return -((dilation * (kernel - 1)) // 2) + dilation * torch.arange(kernel, device=device, dtype=dtype)
 
 
+def _reuses_constants(function: Callable) -> Callable:
+    """Memoises `function`, whose tensors only depend on its (hashable) arguments and are never modified: the op
+    builds them for every call, which at small feature maps costs as much as the arithmetic. Not while tracing
+    (torch.compile / torch.export), whose tensors must belong to the trace."""
+    memoised = functools.lru_cache(maxsize=256)(function)
+
+    @functools.wraps(function)
+    def wrapper(*args):
+        return function(*args) if torch.compiler.is_compiling() else memoised(*args)
+
+    return wrapper
+
+
+@_reuses_constants
+def _regular_grid(
+    height_out: int, width_out: int, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int, pad_h: int,
+    pad_w: int, dilation_h: int, dilation_w: int, offset_scale: float, remove_center: int, shift: float,
+    device: torch.device, dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sampling positions x (W_out, 1, P) and y (H_out, 1, 1, P) of zero offsets: output pixel origin plus the
+    kernel tap scaled by `offset_scale`, in un-padded input pixels plus `shift`."""
+    tap_x = _kernel_taps(kernel_w, dilation_w, device, dtype).repeat_interleave(kernel_h)
+    tap_y = _kernel_taps(kernel_h, dilation_h, device, dtype).repeat(kernel_w)
+    if remove_center:
+        keep = torch.arange(kernel_h * kernel_w, device=device) != (kernel_h * kernel_w - 1) // 2
+        tap_x, tap_y = tap_x[keep], tap_y[keep]
+    start_x = (dilation_w * (kernel_w - 1)) // 2 - pad_w + shift
+    start_y = (dilation_h * (kernel_h - 1)) // 2 - pad_h + shift
+    grid_x = start_x + stride_w * torch.arange(width_out, device=device, dtype=dtype).view(-1, 1, 1)
+    grid_y = start_y + stride_h * torch.arange(height_out, device=device, dtype=dtype).view(-1, 1, 1, 1)
+    return grid_x + offset_scale * tap_x, grid_y + offset_scale * tap_y
+
+
 def _sampling_positions(
     offset: torch.Tensor,
     kernel_h: int,
@@ -69,23 +102,30 @@ def _sampling_positions(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampling positions x and y in un-padded input pixels plus `shift`, each (N, H_out, W_out, G, P), in `dtype`."""
     batch, height_out, width_out, _ = offset.shape
-    device = offset.device
-    tap_x = _kernel_taps(kernel_w, dilation_w, device, dtype).repeat_interleave(kernel_h)
-    tap_y = _kernel_taps(kernel_h, dilation_h, device, dtype).repeat(kernel_w)
-    if remove_center:
-        keep = torch.arange(kernel_h * kernel_w, device=device) != (kernel_h * kernel_w - 1) // 2
-        tap_x, tap_y = tap_x[keep], tap_y[keep]
-    num_points = tap_x.numel()
-    start_x = (dilation_w * (kernel_w - 1)) // 2 - pad_w + shift
-    start_y = (dilation_h * (kernel_h - 1)) // 2 - pad_h + shift
-    # Regular grid (H_out, W_out, 1, P) per axis: output pixel origin plus the scaled kernel tap.
-    grid_x = start_x + stride_w * torch.arange(width_out, device=device, dtype=dtype).view(1, -1, 1, 1)
-    grid_y = start_y + stride_h * torch.arange(height_out, device=device, dtype=dtype).view(-1, 1, 1, 1)
+    regular_x, regular_y = _regular_grid(
+        height_out, width_out, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
+        offset_scale, remove_center, shift, offset.device, dtype,
+    )
     # In the position dtype first: mixed-dtype arithmetic is several times slower on CPU than a conversion.
-    offset = offset.view(batch, height_out, width_out, group, num_points, 2).to(dtype)
-    x = torch.add(grid_x + offset_scale * tap_x, offset[..., 0], alpha=offset_scale)
-    y = torch.add(grid_y + offset_scale * tap_y, offset[..., 1], alpha=offset_scale)
-    return x.to(dtype), y.to(dtype)
+    offset = offset.view(batch, height_out, width_out, group, regular_x.shape[-1], 2).to(dtype)
+    x = torch.add(regular_x, offset[..., 0], alpha=offset_scale)
+    y = torch.add(regular_y, offset[..., 1], alpha=offset_scale)
+    return x, y
+
+
+@_reuses_constants
+def _image_group_rows(
+    batch: int, group: int, rows_per_image: int, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """(N, 1, 1, G, 1): the table row of each image's first pixel for each group."""
+    images = torch.arange(batch, device=device, dtype=dtype).view(batch, 1, 1, 1, 1) * rows_per_image
+    return images + torch.arange(group, device=device, dtype=dtype).view(group, 1)
+
+
+@_reuses_constants
+def _bag_starts(num_entries: int, bag_size: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """The first entry of each bag of `bag_size` consecutive entries (`embedding_bag` offsets)."""
+    return torch.arange(0, num_entries, bag_size, device=device, dtype=dtype)
 
 
 class _BilinearSampling(NamedTuple):
@@ -155,9 +195,7 @@ def _bilinear_sampling(
     # The row within the image in floating point (exact below 2**24 in float32), then one integer conversion.
     row_dtype = position_dtype if rows_per_image <= 2**24 else torch.float64
     pixel = corner_x.to(row_dtype).add_(corner_y.to(row_dtype), alpha=table_w).nan_to_num_(nan=0.0)
-    image_group = torch.arange(batch, device=input.device, dtype=index_dtype).view(batch, 1, 1, 1, 1) * (
-        rows_per_image
-    ) + torch.arange(group, device=input.device, dtype=index_dtype).view(group, 1)
+    image_group = _image_group_rows(batch, group, rows_per_image, input.device, index_dtype)
     rows = pixel.mul_(group).to(index_dtype).add_(image_group).view(-1, num_points)
     row_below = table_w * group
     return _BilinearSampling(
@@ -194,7 +232,7 @@ def _sample(
     )
     table = _zero_bordered_table(input, group_channels)
     rows = sampling.rows.view(-1)
-    bag_starts = torch.arange(0, rows.numel(), sampling.rows.shape[1], device=rows.device, dtype=rows.dtype)
+    bag_starts = _bag_starts(rows.numel(), sampling.rows.shape[1], rows.device, rows.dtype)
     corners = [
         F.embedding_bag(rows, table[shift:], bag_starts, mode="sum", per_sample_weights=weight.view(-1))
         for shift, weight in zip(sampling.corner_shifts, sampling.corner_weights(input.dtype))
@@ -243,7 +281,7 @@ def _sampled_corner_products(
     num_bags, num_points = sampling.rows.shape
     shifts = sampling.corner_shifts
     num_starts = table.shape[0] - shifts[-1]  # rows + shift < table rows for every corner
-    bag_starts = torch.arange(0, sampling.rows.numel() + 1, num_points, dtype=sampling.rows.dtype)
+    bag_starts = _bag_starts(sampling.rows.numel() + 1, num_points, sampling.rows.device, sampling.rows.dtype)
     products = []
     for shift in shifts:
         values = table.new_zeros(num_bags, num_points)
