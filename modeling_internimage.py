@@ -154,14 +154,16 @@ def _fused_linear(
 ) -> torch.Tensor:
     """`linear(hidden_states)` as one oneDNN product (see `_fuses_linears`), followed inside it by the exact GELU or
     by `residual +`; under torch.compile as the custom operator. Under CPU autocast the operands are cast to the
-    autocast dtype first, as `F.linear` would be."""
+    autocast dtype first, as `F.linear` would be, and a residual of another dtype (the float32 residual stream) is
+    added after the product, in the promoted dtype."""
     weight, bias = linear.weight, linear.bias
     if torch.is_autocast_enabled("cpu"):
         dtype = torch.get_autocast_dtype("cpu")
         hidden_states, weight = hidden_states.to(dtype), weight.to(dtype)
         bias = bias.to(dtype) if bias is not None else None
-        residual = residual.to(dtype) if residual is not None else None
     product = _ONEDNN_OPERATOR if torch.compiler.is_compiling() else _onednn_product
+    if residual is not None and residual.dtype != hidden_states.dtype:
+        return residual + product(hidden_states, weight, bias, None, gelu)
     return product(hidden_states, weight, bias, residual, gelu)
 
 
