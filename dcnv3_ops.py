@@ -225,9 +225,9 @@ def _csr(row_starts: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, 
 
 def _image_chunks(mask: torch.Tensor) -> list[slice]:
     """The slices of the batch the CPU op processes together: about `_CPU_CHUNK_POINTS` sampling points at a time,
-    so that the table and the temporaries of a chunk stay cache-sized (1.4-1.7x faster at T's first stage), once
-    there are more than twice that many. One slice on other devices and under `torch.export` (whose graphs keep the
-    batch size dynamic)."""
+    so that the table and the temporaries of a chunk stay cache-sized (at T's first stage 1.15x faster backward,
+    1.3x faster forward with `embedding_bag`), once there are more than twice that many. One slice on other devices
+    and under `torch.export` (whose graphs keep the batch size dynamic)."""
     batch = mask.shape[0]
     if mask.device.type != "cpu" or torch.compiler.is_exporting() or mask.numel() <= 2 * _CPU_CHUNK_POINTS:
         return [slice(0, batch)]
@@ -276,12 +276,13 @@ def _dcnv3_pytorch_forward(
     stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int, group_channels: int,
     offset_scale: float, remove_center: int,
 ) -> torch.Tensor:
-    """The forward as plain differentiable PyTorch operators (`_sample`), in chunks of images on CPU."""
+    """The forward as plain differentiable PyTorch operators (`_sample`), with `embedding_bag` in chunks of images
+    on CPU (the sparse products gain nothing from chunks)."""
     arguments = (
         kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
         offset_scale, remove_center,
     )
-    chunks = _image_chunks(mask)
+    chunks = [slice(0, input.shape[0])] if _sparse_products(input) else _image_chunks(mask)
     if len(chunks) == 1:
         return _sample(input, offset, mask, *arguments)
     output = input.new_empty(*offset.shape[:3], input.shape[-1])

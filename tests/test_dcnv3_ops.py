@@ -262,17 +262,24 @@ def test_corner_products_sampled_and_gathered_in_chunks_agree(monkeypatch, dtype
     torch.testing.assert_close(gathered, expected, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-5)
 
 
-def test_chunks_of_images_change_nothing(monkeypatch):
-    """On CPU the op runs in chunks of images (about `_CPU_CHUNK_POINTS` sampling points each): forward and
-    gradients are those of one pass over the whole batch, with a partial last chunk."""
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse_products", "embedding_bag"])
+def test_chunks_of_images_change_nothing(monkeypatch, sparse):
+    """On CPU the op runs in chunks of images (about `_CPU_CHUNK_POINTS` sampling points each; the forward only with
+    `embedding_bag`, which half-precision inputs use): forward and gradients are those of one pass over the whole
+    batch, with a partial last chunk, whichever way the bags are summed."""
+    monkeypatch.setattr(dcnv3_ops, "_sparse_products", lambda table: sparse)
     inputs, args, grad_weight = random_case(batch=5, height=6, width=7, seed=5)
     expected_output, expected_grads = run_op(dcnv3_core_pytorch, inputs, args, grad_weight, torch.float64)
     monkeypatch.setattr(dcnv3_ops, "_CPU_CHUNK_POINTS", 2 * 6 * 7 * 2 * 9)  # two of the five images per chunk
     assert len(dcnv3_ops._image_chunks(inputs["mask"])) == 3
     output, grads = run_op(dcnv3_core_pytorch, inputs, args, grad_weight, torch.float64)
-    torch.testing.assert_close(output, expected_output, rtol=0, atol=0)
+    torch.testing.assert_close(output, expected_output, rtol=0, atol=1e-12)
     for name in GRADIENTS:  # the table gradient sums in another order
         torch.testing.assert_close(grads[name], expected_grads[name], rtol=0, atol=1e-12)
+    oracle_output, oracle_grads = run_op(oracle_dcnv3_core, inputs, args, grad_weight, torch.float64)
+    torch.testing.assert_close(output, oracle_output, rtol=0, atol=1e-10)
+    for name in GRADIENTS:
+        torch.testing.assert_close(grads[name], oracle_grads[name], rtol=0, atol=1e-10)
 
 
 def test_operators_are_registered_once_per_process(monkeypatch):
