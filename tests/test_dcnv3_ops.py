@@ -264,9 +264,9 @@ def test_corner_products_sampled_and_gathered_in_chunks_agree(monkeypatch, dtype
 
 @pytest.mark.parametrize("sparse", [True, False], ids=["sparse_products", "embedding_bag"])
 def test_chunks_of_images_change_nothing(monkeypatch, sparse):
-    """On CPU the op runs in chunks of images (about `_CPU_CHUNK_POINTS` sampling points each; the forward only with
-    `embedding_bag`, which half-precision inputs use): forward and gradients are those of one pass over the whole
-    batch, with a partial last chunk, whichever way the bags are summed."""
+    """On CPU the backward runs in chunks of images (about `_CPU_CHUNK_POINTS` sampling points each): the gradients
+    are those of one pass over the whole batch, with a partial last chunk, whichever way the bags are summed (sparse
+    products on CPU, `embedding_bag` on other devices)."""
     monkeypatch.setattr(dcnv3_ops, "_sparse_products", lambda table: sparse)
     inputs, args, grad_weight = random_case(batch=5, height=6, width=7, seed=5)
     expected_output, expected_grads = run_op(dcnv3_core_pytorch, inputs, args, grad_weight, torch.float64)
