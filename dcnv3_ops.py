@@ -42,7 +42,6 @@ logger = logging.get_logger(__name__)
 
 BACKEND_ENV_VAR = "INTERNIMAGE_DCN_BACKEND"
 BACKENDS = ("auto", "triton", "cuda", "pytorch")
-_CPU_GATHER_CHUNK_BYTES = 2**21
 _CPU_CHUNK_POINTS = 2**17
 
 
@@ -293,8 +292,8 @@ def _corner_products(
     sampling: _BilinearSampling, table: torch.Tensor, grad_output: torch.Tensor
 ) -> list[torch.Tensor]:
     """Four (B, P), one per corner: the dot product of each bag's output gradient (B, Cg) with each of its points'
-    corner rows, in the position dtype: with `torch.sparse.sampled_addmm` on CPU (float32 and float64), else by
-    gathering."""
+    corner rows, in the position dtype: with `torch.sparse.sampled_addmm` where the bags are sparse products
+    (`_sparse_products`), else by gathering."""
     if _sparse_products(table):
         return _sampled_corner_products(sampling, table, grad_output)
     return _gathered_corner_products(sampling, table, grad_output)
@@ -322,22 +321,14 @@ def _sampled_corner_products(
 def _gathered_corner_products(
     sampling: _BilinearSampling, table: torch.Tensor, grad_output: torch.Tensor
 ) -> list[torch.Tensor]:
-    """The products from the corner rows gathered as a 2x2-neighbourhood table, in chunks of bags that stay
-    cache-sized on CPU, and multiplied with `bmm`."""
+    """The products from the corner rows gathered as a 2x2-neighbourhood table and multiplied with `bmm`."""
     num_bags, num_points = sampling.rows.shape
     shifts = sampling.corner_shifts
     num_starts = table.shape[0] - shifts[-1]
     neighbourhoods = torch.cat([table[shift : shift + num_starts] for shift in shifts], dim=1)
-    products = grad_output.new_empty(num_bags, num_points * len(shifts), 1)
-    chunk = num_bags
-    if table.device.type == "cpu":
-        chunk = max(1, _CPU_GATHER_CHUNK_BYTES // (neighbourhoods[:1].nbytes * num_points))
-    for start in range(0, num_bags, chunk):
-        bags = slice(start, start + chunk)
-        gathered = neighbourhoods.index_select(0, sampling.rows[bags].reshape(-1))
-        torch.bmm(gathered.view(-1, num_points * len(shifts), grad_output.shape[-1]), grad_output[bags].unsqueeze(-1),
-                  out=products[bags])
-    products = products.view(num_bags, num_points, len(shifts)).to(sampling.mask.dtype)
+    gathered = neighbourhoods.index_select(0, sampling.rows.reshape(-1))
+    products = torch.bmm(gathered.view(num_bags, num_points * len(shifts), -1), grad_output.unsqueeze(-1))
+    products = products.view(num_bags, num_points, len(shifts)).to(sampling.frac_x.dtype)
     return [corner.contiguous() for corner in products.unbind(-1)]
 
 

@@ -244,22 +244,19 @@ def test_torch_compile_of_the_dispatch_matches_eager():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
-def test_corner_products_sampled_and_gathered_in_chunks_agree(monkeypatch, dtype):
+def test_corner_products_sampled_and_gathered_agree(dtype):
     """The backward's dot products of the output gradient with the corner rows: `sampled_addmm` (CPU float32 and
-    float64) and the gather in cache-sized chunks of bags (other devices and half precision) give the same numbers,
-    also with small chunks (the last one partial)."""
+    float64) and the gather (other devices) give the same numbers."""
     inputs, args, _ = random_case(batch=2, height=7, width=9, seed=3)
     input, offset, mask = (inputs[name].to(dtype) for name in GRADIENTS)
     sampling = dcnv3_ops._bilinear_sampling(input, offset, mask, *args[:9], *args[10:])
     table = dcnv3_ops._zero_bordered_table(input, args[9])
     grad_output = torch.randn(sampling.rows.shape[0], args[9], dtype=dtype, generator=torch.Generator().manual_seed(4))
-    sampled = torch.stack(dcnv3_ops._sampled_corner_products(sampling, table, grad_output), dim=-1)
     rows = sampling.rows.long().unsqueeze(-1) + torch.tensor(sampling.corner_shifts)
     expected = (table[rows] * grad_output[:, None, None, :]).sum(-1)
-    torch.testing.assert_close(sampled, expected, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-5)
-    monkeypatch.setattr(dcnv3_ops, "_CPU_GATHER_CHUNK_BYTES", 6000)  # 5 of the 252 bags per chunk
-    gathered = torch.stack(dcnv3_ops._gathered_corner_products(sampling, table, grad_output), dim=-1)
-    torch.testing.assert_close(gathered, expected, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-5)
+    atol = 1e-12 if dtype == torch.float64 else 1e-5
+    for products in (dcnv3_ops._sampled_corner_products, dcnv3_ops._gathered_corner_products):
+        torch.testing.assert_close(torch.stack(products(sampling, table, grad_output), -1), expected, rtol=0, atol=atol)
 
 
 @pytest.mark.parametrize("sparse", [True, False], ids=["sparse_products", "embedding_bag"])
