@@ -10,6 +10,7 @@ import math
 
 import torch
 from torch import nn
+from torch.nn.modules.module import _global_forward_hooks, _global_forward_pre_hooks
 from transformers import initialization as init
 from transformers.activations import ACT2FN
 from transformers.backbone_utils import BackboneMixin
@@ -60,8 +61,8 @@ def _softmax_last_dim(logits: torch.Tensor) -> torch.Tensor:
 # first), a separate GELU and a separate residual add make. bfloat16 only with AVX-512 (with AVX-512 BF16 or AMX its
 # products are 3-6x faster than float32 ones; without AVX-512 oneDNN has no bfloat16 products and `F.linear` is kept).
 _ONEDNN_LINEAR = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
-_ONEDNN_DTYPES = (torch.float32, torch.bfloat16) if torch.backends.cpu.get_cpu_capability() == "AVX512" else (
-    torch.float32,
+_ONEDNN_DTYPES = (
+    (torch.float32, torch.bfloat16) if torch.backends.cpu.get_cpu_capability() == "AVX512" else (torch.float32,)
 )
 # The custom operators registered by this copy of the file, kept alive for the life of the process.
 _DEFINITIONS: list = []
@@ -108,10 +109,19 @@ def _onednn_dtype(hidden_states: torch.Tensor) -> bool:
     return dtype in _ONEDNN_DTYPES
 
 
+def _is_plain_linear(linear: nn.Module) -> bool:
+    """An `nn.Linear` itself (not a replacement such as a LoRA or quantised layer) without forward hooks: computing
+    its product from its parameters skips nothing the module would do."""
+    hooks = (linear._forward_hooks, linear._forward_pre_hooks, _global_forward_hooks, _global_forward_pre_hooks)
+    return type(linear) is nn.Linear and not any(hooks)
+
+
 def _fuses_linears(hidden_states: torch.Tensor, *linears: nn.Linear) -> bool:
     """Whether `linears` may run as oneDNN products with fused post-operations (`_fused_linear`): no autograd."""
     needs_grad = hidden_states.requires_grad or any(linear.weight.requires_grad for linear in linears)
-    return not (needs_grad and torch.is_grad_enabled()) and _onednn_dtype(hidden_states)
+    if needs_grad and torch.is_grad_enabled():
+        return False
+    return _onednn_dtype(hidden_states) and all(_is_plain_linear(linear) for linear in linears)
 
 
 class _BiasFusedLinear(torch.autograd.Function):
@@ -141,8 +151,14 @@ def _linear(
 ) -> torch.Tensor:
     """`linear(hidden_states)`, plus `residual` when given: the counterpart of `_fused_linear` with autograd. On CPU
     in float32 (no autocast) the bias is fused into the oneDNN product (about 5% of a training step)."""
-    eager_float32 = hidden_states.dtype == torch.float32 and not torch.compiler.is_compiling()
-    if eager_float32 and not torch.is_autocast_enabled("cpu") and _onednn_dtype(hidden_states):
+    fuses_bias = (
+        hidden_states.dtype == torch.float32
+        and not torch.compiler.is_compiling()
+        and not torch.is_autocast_enabled("cpu")
+        and _onednn_dtype(hidden_states)
+        and _is_plain_linear(linear)
+    )
+    if fuses_bias:
         output = _BiasFusedLinear.apply(hidden_states, linear.weight, linear.bias)
     else:
         output = linear(hidden_states)

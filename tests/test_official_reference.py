@@ -189,3 +189,21 @@ def test_training_gradients_agree_with_the_reference(flags):
         expected = reference_grads[name]
         atol = 1e-4 * expected.abs().max().item() + 1e-6 * largest  # float32 rounding of the whole backward
         torch.testing.assert_close(parameter.grad, expected, rtol=1e-3, atol=atol, msg=name)
+
+
+def test_hooked_or_replaced_linears_are_called_as_modules():
+    """A forward hook on a block's linear (reading the offsets, say) still fires, and a replaced linear (LoRA,
+    quantisation) still runs, on the fused CPU path too."""
+    reference, ours = reference_and_ours(0, **TINY)
+    ours = ours.float()
+    dcn = ours.internimage.encoder.stages[0].layers[0].dcn
+    offsets = []
+    dcn.offset.register_forward_hook(lambda module, args, output: offsets.append(output))
+    doubled = torch.nn.Sequential(dcn.output_proj, torch.nn.Identity())
+    pixel_values = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = ours(pixel_values).logits
+        assert len(offsets) == 1 and offsets[0].shape == (2, 16, 16, 2 * 9 * 2)
+        dcn.output_proj = doubled
+        doubled[1] = torch.nn.Hardtanh(-1e-3, 1e-3)  # a replacement that changes the output
+        assert not torch.allclose(ours(pixel_values).logits, before)
