@@ -210,8 +210,9 @@ def _sparse_products(table: torch.Tensor) -> bool:
     """Whether the bag sums run as products of sparse CSR matrices (rows: bags, one column per sampled row, the
     corner weights as values) with the table: on CPU in float32 and float64, where these sparse-dense products are
     about 2x faster than `embedding_bag` and accumulate all four corners in one output. Half-precision tables (which
-    they do not take) and other devices keep `embedding_bag`."""
-    return table.device.type == "cpu" and table.dtype in (torch.float32, torch.float64)
+    they do not take), other devices and `torch.export` (ONNX has no sparse tensors) keep `embedding_bag`."""
+    cpu_float = table.device.type == "cpu" and table.dtype in (torch.float32, torch.float64)
+    return cpu_float and not torch.compiler.is_exporting()
 
 
 def _csr(row_starts: torch.Tensor, columns: torch.Tensor, values: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
