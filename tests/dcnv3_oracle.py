@@ -6,7 +6,8 @@ centres normalised by the padded size, the dilation grid (x-outer, y-inner point
 together with the offsets), `grid_sample(bilinear, zeros, align_corners=False)`, the mask multiply and the sum over
 points. Sampling grids are built in the input's dtype, so float64 inputs get float64 grids (the fixtures'
 `*_f64ref` fields). `oracle_dcnv3_module_forward` is the official module forward (layout copies included) around
-the oracle op; the tests and `benchmarks/bench_cpu.py` use both as the reference.
+the oracle op. The tests use both as the reference; `tests/official_reference.py` (the whole official model) and
+`benchmarks/bench_cpu.py` (the op alone) use the op.
 """
 
 from __future__ import annotations

@@ -243,15 +243,40 @@ def test_torch_compile_of_the_dispatch_matches_eager():
         torch.testing.assert_close(grads[name], expected_grads[name], rtol=0, atol=1e-5)
 
 
-def test_backward_in_cache_sized_chunks_matches_one_pass(monkeypatch):
-    """The CPU backward gathers corner rows in chunks of bags; small chunks (the last one partial) change nothing."""
-    inputs, args, grad_weight = random_case(batch=2, height=7, width=9, seed=3)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+def test_corner_products_sampled_and_gathered_agree(dtype):
+    """The backward's dot products of the output gradient with the corner rows: `sampled_addmm` (CPU float32 and
+    float64) and the gather (other devices) give the same numbers."""
+    inputs, args, _ = random_case(batch=2, height=7, width=9, seed=3)
+    input, offset, mask = (inputs[name].to(dtype) for name in GRADIENTS)
+    sampling = dcnv3_ops._bilinear_sampling(input, offset, mask, *args[:9], *args[10:])
+    table = dcnv3_ops._zero_bordered_table(input, args[9])
+    grad_output = torch.randn(sampling.rows.shape[0], args[9], dtype=dtype, generator=torch.Generator().manual_seed(4))
+    rows = sampling.rows.long().unsqueeze(-1) + torch.tensor(sampling.corner_shifts)
+    expected = (table[rows] * grad_output[:, None, None, :]).sum(-1)
+    atol = 1e-12 if dtype == torch.float64 else 1e-5
+    for products in (dcnv3_ops._sampled_corner_products, dcnv3_ops._gathered_corner_products):
+        torch.testing.assert_close(torch.stack(products(sampling, table, grad_output), -1), expected, rtol=0, atol=atol)
+
+
+@pytest.mark.parametrize("sparse", [True, False], ids=["sparse_products", "embedding_bag"])
+def test_chunks_of_images_change_nothing(monkeypatch, sparse):
+    """On CPU the backward runs in chunks of images (about `_CPU_CHUNK_POINTS` sampling points each): the gradients
+    are those of one pass over the whole batch, with a partial last chunk, whichever way the bags are summed (sparse
+    products on CPU, `embedding_bag` on other devices)."""
+    monkeypatch.setattr(dcnv3_ops, "_sparse_products", lambda table: sparse)
+    inputs, args, grad_weight = random_case(batch=5, height=6, width=7, seed=5)
     expected_output, expected_grads = run_op(dcnv3_core_pytorch, inputs, args, grad_weight, torch.float64)
-    monkeypatch.setattr(dcnv3_ops, "_CPU_GATHER_CHUNK_BYTES", 6000)  # 5 of the 252 bags per chunk
+    monkeypatch.setattr(dcnv3_ops, "_CPU_CHUNK_POINTS", 2 * 6 * 7 * 2 * 9)  # two of the five images per chunk
+    assert len(dcnv3_ops._image_chunks(inputs["mask"])) == 3
     output, grads = run_op(dcnv3_core_pytorch, inputs, args, grad_weight, torch.float64)
-    torch.testing.assert_close(output, expected_output, rtol=0, atol=0)
-    for name in GRADIENTS:
+    torch.testing.assert_close(output, expected_output, rtol=0, atol=1e-12)
+    for name in GRADIENTS:  # the table gradient sums in another order
         torch.testing.assert_close(grads[name], expected_grads[name], rtol=0, atol=1e-12)
+    oracle_output, oracle_grads = run_op(oracle_dcnv3_core, inputs, args, grad_weight, torch.float64)
+    torch.testing.assert_close(output, oracle_output, rtol=0, atol=1e-10)
+    for name in GRADIENTS:
+        torch.testing.assert_close(grads[name], oracle_grads[name], rtol=0, atol=1e-10)
 
 
 def test_operators_are_registered_once_per_process(monkeypatch):
