@@ -1,7 +1,7 @@
 """What the DCNv3 backends share: the output size, and the registration of an implementation (a forward and its
 backward) as a pair of `torch.library` custom operators.
 
-Both backends registered this way (the PyTorch one in `dcnv3_ops.py`, the Triton one in `dcnv3_triton.py`) take the
+Both backends registered this way (the PyTorch one in `dcnv3_pytorch.py`, the Triton one in `dcnv3_triton.py`) take the
 official layouts: input (N, H, W, G*Cg), offset (N, H_out, W_out, G*P*2), mask (N, H_out, W_out, G*P) and the
 hyper-parameters, and return (N, H_out, W_out, G*Cg).
 """

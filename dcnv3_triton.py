@@ -1,6 +1,6 @@
 """DCNv3 core as Triton kernels (forward and backward), registered as `torch.library` custom ops.
 
-Same layouts and semantics as `dcnv3_ops.dcnv3_core_pytorch`: `input` (N, H, W, G*Cg) channels-last, `offset`
+Same layouts and semantics as `dcnv3_pytorch.dcnv3_core_pytorch`: `input` (N, H, W, G*Cg) channels-last, `offset`
 (N, H_out, W_out, G*P*2) with (dx, dy) pairs, `mask` (N, H_out, W_out, G*P), output (N, H_out, W_out, G*Cg);
 points ordered x-outer, y-inner; bilinear sampling with zeros outside the image. Non-finite values give the same
 non-finite outputs and gradients (NaN for a NaN or infinite sampling position) and never read outside the input.

@@ -44,7 +44,7 @@ from dcnv3_oracle import oracle_dcnv3_core  # noqa: E402
 from official_reference import InternImage as ReferenceInternImage  # noqa: E402
 
 from convert_checkpoints import config_from_official_kwargs, rename_official_key  # noqa: E402
-from dcnv3_ops import dcnv3_core_pytorch  # noqa: E402
+from dcnv3_pytorch import dcnv3_core_pytorch  # noqa: E402
 from modeling_internimage import InternImageForImageClassification  # noqa: E402
 
 # The official constructor arguments of InternImage-T (classification/configs/internimage_t_1k_224.yaml).

@@ -387,7 +387,7 @@ def test_repository_config_is_the_converters_output(tmp_path):
 def test_code_files_follow_relative_imports(tmp_path):
     assert convert_checkpoints.model_code_files() == [
         "configuration_internimage.py", "modeling_internimage.py", "dcnv3_ops.py", "dcnv3_custom_ops.py",
-        "dcnv3_triton.py",
+        "dcnv3_pytorch.py", "dcnv3_triton.py",
     ]
     (tmp_path / "a.py").write_text("try:\n    from .b import x\nexcept ImportError:\n    from b import x\n")
     (tmp_path / "b.py").write_text("from .c import y\n")

@@ -21,7 +21,7 @@ if str(ROOT) not in sys.path:
 from dcnv3_non_finite import check_against_the_official_formulation, non_finite_cases  # noqa: E402
 from dcnv3_oracle import oracle_dcnv3_core, oracle_dcnv3_module_forward  # noqa: E402
 
-import dcnv3_ops  # noqa: E402
+import dcnv3_pytorch  # noqa: E402
 from configuration_internimage import InternImageConfig  # noqa: E402
 from dcnv3_ops import dcnv3_core, dcnv3_core_pytorch, dcnv3_output_size  # noqa: E402
 from modeling_internimage import InternImageDCNv3  # noqa: E402
@@ -249,13 +249,13 @@ def test_corner_products_sampled_and_gathered_agree(dtype):
     float64) and the gather (other devices) give the same numbers."""
     inputs, args, _ = random_case(batch=2, height=7, width=9, seed=3)
     input, offset, mask = (inputs[name].to(dtype) for name in GRADIENTS)
-    sampling = dcnv3_ops._bilinear_sampling(input, offset, mask, *args[:9], *args[10:])
-    table = dcnv3_ops._zero_bordered_table(input, args[9])
+    sampling = dcnv3_pytorch._bilinear_sampling(input, offset, mask, *args[:9], *args[10:])
+    table = dcnv3_pytorch._zero_bordered_table(input, args[9])
     grad_output = torch.randn(sampling.rows.shape[0], args[9], dtype=dtype, generator=torch.Generator().manual_seed(4))
     rows = sampling.rows.long().unsqueeze(-1) + torch.tensor(sampling.corner_shifts)
     expected = (table[rows] * grad_output[:, None, None, :]).sum(-1)
     atol = 1e-12 if dtype == torch.float64 else 1e-5
-    for products in (dcnv3_ops._sampled_corner_products, dcnv3_ops._gathered_corner_products):
+    for products in (dcnv3_pytorch._sampled_corner_products, dcnv3_pytorch._gathered_corner_products):
         torch.testing.assert_close(torch.stack(products(sampling, table, grad_output), -1), expected, rtol=0, atol=atol)
 
 
@@ -264,11 +264,11 @@ def test_chunks_of_images_change_nothing(monkeypatch, sparse):
     """On CPU the backward runs in chunks of images (about `_CPU_CHUNK_POINTS` sampling points each): the gradients
     are those of one pass over the whole batch, with a partial last chunk, whichever way the bags are summed (sparse
     products on CPU, `embedding_bag` on other devices)."""
-    monkeypatch.setattr(dcnv3_ops, "_sparse_products", lambda table: sparse)
+    monkeypatch.setattr(dcnv3_pytorch, "_sparse_products", lambda table: sparse)
     inputs, args, grad_weight = random_case(batch=5, height=6, width=7, seed=5)
     expected_output, expected_grads = run_op(dcnv3_core_pytorch, inputs, args, grad_weight, torch.float64)
-    monkeypatch.setattr(dcnv3_ops, "_CPU_CHUNK_POINTS", 2 * 6 * 7 * 2 * 9)  # two of the five images per chunk
-    assert len(dcnv3_ops._image_chunks(inputs["mask"])) == 3
+    monkeypatch.setattr(dcnv3_pytorch, "_CPU_CHUNK_POINTS", 2 * 6 * 7 * 2 * 9)  # two of the five images per chunk
+    assert len(dcnv3_pytorch._image_chunks(inputs["mask"])) == 3
     output, grads = run_op(dcnv3_core_pytorch, inputs, args, grad_weight, torch.float64)
     torch.testing.assert_close(output, expected_output, rtol=0, atol=1e-12)
     for name in GRADIENTS:  # the table gradient sums in another order
@@ -277,6 +277,17 @@ def test_chunks_of_images_change_nothing(monkeypatch, sparse):
     torch.testing.assert_close(output, oracle_output, rtol=0, atol=1e-10)
     for name in GRADIENTS:
         torch.testing.assert_close(grads[name], oracle_grads[name], rtol=0, atol=1e-10)
+
+
+def test_the_documented_import_and_the_old_names_are_the_same_op():
+    """README imports the op from `modeling_internimage` (also in a converted folder); `dcnv3_ops` keeps its names."""
+    import dcnv3_ops
+    import modeling_internimage
+
+    for name in ("dcnv3_core", "dcnv3_core_pytorch", "resolve_dcn_backend"):
+        assert getattr(modeling_internimage, name) is getattr(dcnv3_ops, name), name
+    assert dcnv3_ops.dcnv3_core_pytorch is dcnv3_pytorch.dcnv3_core_pytorch
+    assert dcnv3_ops.dcnv3_output_size(56, 3, 1, 1, 1) == 56
 
 
 def test_operators_are_registered_once_per_process(monkeypatch):
@@ -290,7 +301,7 @@ def test_operators_are_registered_once_per_process(monkeypatch):
         return register(name, *args, **kwargs)
 
     monkeypatch.setattr(torch.library, "custom_op", recording_register)
-    for name in ("dcnv3_ops", "dcnv3_triton"):
+    for name in ("dcnv3_pytorch", "dcnv3_triton"):
         spec = importlib.util.spec_from_file_location(f"second_copy_of_{name}", ROOT / f"{name}.py")
         spec.loader.exec_module(importlib.util.module_from_spec(spec))
     assert registered == []

@@ -24,14 +24,12 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from configuration_internimage import AUTO_MAP, InternImageConfig  # noqa: E402
-from convert_checkpoints import config_from_official_kwargs, rename_official_key  # noqa: E402
+from convert_checkpoints import config_from_official_kwargs, model_code_files, rename_official_key  # noqa: E402
 from internimage_auto import register_internimage  # noqa: E402
 from modeling_internimage import InternImageBackbone, InternImageForImageClassification  # noqa: E402
 
 FIXTURES = ROOT / "tests" / "fixtures" / "models"
-CODE_FILES = (
-    "configuration_internimage.py", "modeling_internimage.py", "dcnv3_ops.py", "dcnv3_custom_ops.py", "dcnv3_triton.py"
-)
+CODE_FILES = model_code_files()
 FOLDER_PLACEHOLDER = "path/to/converted/folder"
 IMAGE_PLACEHOLDER = "path/to/image.jpg"
 

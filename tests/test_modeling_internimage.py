@@ -36,6 +36,7 @@ from transformers_common import load_transformers_common_tests  # noqa: E402
 
 import dcnv3_ops  # noqa: E402
 from configuration_internimage import AUTO_MAP, InternImageConfig  # noqa: E402
+from convert_checkpoints import model_code_files  # noqa: E402
 from modeling_internimage import (  # noqa: E402
     InternImageBackbone,
     InternImageDCNv3,
@@ -46,9 +47,7 @@ from modeling_internimage import (  # noqa: E402
 )
 
 COMMON = load_transformers_common_tests()
-CODE_FILES = (
-    "configuration_internimage.py", "modeling_internimage.py", "dcnv3_ops.py", "dcnv3_custom_ops.py", "dcnv3_triton.py"
-)
+CODE_FILES = model_code_files()
 
 
 def tiny_config(**overrides) -> InternImageConfig:
