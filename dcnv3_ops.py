@@ -28,15 +28,15 @@ import torch
 from transformers.utils import logging
 
 try:
-    from .dcnv3_custom_ops import dcnv3_output_size
-    from .dcnv3_pytorch import dcnv3_core_pytorch
-    from .dcnv3_triton import dcnv3_triton
+    from .dcnv3_custom_ops import checked_spec, dcnv3_output_size
+    from .dcnv3_pytorch import dcnv3_core_pytorch, run_dcnv3_pytorch
     from .dcnv3_triton import is_available as triton_is_available
+    from .dcnv3_triton import run_dcnv3_triton
 except ImportError:
-    from dcnv3_custom_ops import dcnv3_output_size
-    from dcnv3_pytorch import dcnv3_core_pytorch
-    from dcnv3_triton import dcnv3_triton
+    from dcnv3_custom_ops import checked_spec, dcnv3_output_size
+    from dcnv3_pytorch import dcnv3_core_pytorch, run_dcnv3_pytorch
     from dcnv3_triton import is_available as triton_is_available
+    from dcnv3_triton import run_dcnv3_triton
 
 logger = logging.get_logger(__name__)
 
@@ -124,17 +124,17 @@ def dcnv3_core(
     backend: str | None = "auto",
 ) -> torch.Tensor:
     """DCNv3 core with the official argument order and layouts, on the chosen backend; NaN and ±inf as the module
-    docstring says, the same on every backend."""
-    args = (
-        kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
-        float(offset_scale), int(remove_center),
+    docstring says, the same on every backend. The call is checked once (`checked_spec`) whatever the backend."""
+    spec = checked_spec(
+        input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+        group_channels, offset_scale, remove_center,
     )
     chosen = resolve_dcn_backend(backend, input.device)
     if chosen == "triton":
-        return dcnv3_triton(input, offset, mask, *args)
+        return run_dcnv3_triton(input, offset, mask, spec)
     if chosen == "cuda":
-        return _cuda_extension_module().dcnv3_cuda(input, offset, mask, *args)
-    return dcnv3_core_pytorch(input, offset, mask, *args)
+        return _cuda_extension_module().dcnv3_cuda(input, offset, mask, *spec)
+    return run_dcnv3_pytorch(input, offset, mask, spec)
 
 
 __all__ = ["dcnv3_core", "dcnv3_core_pytorch", "resolve_dcn_backend", "dcnv3_output_size"]

@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 
 try:
-    from .dcnv3_custom_ops import register_dcnv3_operators
+    from .dcnv3_custom_ops import DCNv3Spec, checked_spec, register_dcnv3_operators
 except ImportError:
-    from dcnv3_custom_ops import register_dcnv3_operators
+    from dcnv3_custom_ops import DCNv3Spec, checked_spec, register_dcnv3_operators
 
 _CPU_CHUNK_POINTS = 2**17
 
@@ -42,50 +42,33 @@ def _reuses_constants(function: Callable) -> Callable:
 
 @_reuses_constants
 def _regular_grid(
-    height_out: int, width_out: int, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int, pad_h: int,
-    pad_w: int, dilation_h: int, dilation_w: int, offset_scale: float, remove_center: int, shift: float,
-    device: torch.device, dtype: torch.dtype,
+    height_out: int, width_out: int, spec: DCNv3Spec, shift: float, device: torch.device, dtype: torch.dtype
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The sampling positions x (W_out, 1, P) and y (H_out, 1, 1, P) of zero offsets: output pixel origin plus the
     kernel tap scaled by `offset_scale`, in un-padded input pixels plus `shift`."""
-    tap_x = _kernel_taps(kernel_w, dilation_w, device, dtype).repeat_interleave(kernel_h)
-    tap_y = _kernel_taps(kernel_h, dilation_h, device, dtype).repeat(kernel_w)
-    if remove_center:
-        keep = torch.arange(kernel_h * kernel_w, device=device) != (kernel_h * kernel_w - 1) // 2
+    tap_x = _kernel_taps(spec.kernel_w, spec.dilation_w, device, dtype).repeat_interleave(spec.kernel_h)
+    tap_y = _kernel_taps(spec.kernel_h, spec.dilation_h, device, dtype).repeat(spec.kernel_w)
+    if spec.remove_center:
+        taps = spec.kernel_h * spec.kernel_w
+        keep = torch.arange(taps, device=device) != (taps - 1) // 2
         tap_x, tap_y = tap_x[keep], tap_y[keep]
-    start_x = (dilation_w * (kernel_w - 1)) // 2 - pad_w + shift
-    start_y = (dilation_h * (kernel_h - 1)) // 2 - pad_h + shift
-    grid_x = start_x + stride_w * torch.arange(width_out, device=device, dtype=dtype).view(-1, 1, 1)
-    grid_y = start_y + stride_h * torch.arange(height_out, device=device, dtype=dtype).view(-1, 1, 1, 1)
-    return grid_x + offset_scale * tap_x, grid_y + offset_scale * tap_y
+    start_x = (spec.dilation_w * (spec.kernel_w - 1)) // 2 - spec.pad_w + shift
+    start_y = (spec.dilation_h * (spec.kernel_h - 1)) // 2 - spec.pad_h + shift
+    grid_x = start_x + spec.stride_w * torch.arange(width_out, device=device, dtype=dtype).view(-1, 1, 1)
+    grid_y = start_y + spec.stride_h * torch.arange(height_out, device=device, dtype=dtype).view(-1, 1, 1, 1)
+    return grid_x + spec.offset_scale * tap_x, grid_y + spec.offset_scale * tap_y
 
 
 def _sampling_positions(
-    offset: torch.Tensor,
-    kernel_h: int,
-    kernel_w: int,
-    stride_h: int,
-    stride_w: int,
-    pad_h: int,
-    pad_w: int,
-    dilation_h: int,
-    dilation_w: int,
-    group: int,
-    offset_scale: float,
-    remove_center: int,
-    dtype: torch.dtype,
-    shift: float = 0.0,
+    offset: torch.Tensor, spec: DCNv3Spec, dtype: torch.dtype, shift: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampling positions x and y in un-padded input pixels plus `shift`, each (N, H_out, W_out, G, P), in `dtype`."""
     batch, height_out, width_out, _ = offset.shape
-    regular_x, regular_y = _regular_grid(
-        height_out, width_out, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
-        offset_scale, remove_center, shift, offset.device, dtype,
-    )
+    regular_x, regular_y = _regular_grid(height_out, width_out, spec, shift, offset.device, dtype)
     # In the position dtype first: mixed-dtype arithmetic is several times slower on CPU than a conversion.
-    offset = offset.view(batch, height_out, width_out, group, regular_x.shape[-1], 2).to(dtype)
-    x = torch.add(regular_x, offset[..., 0], alpha=offset_scale)
-    y = torch.add(regular_y, offset[..., 1], alpha=offset_scale)
+    offset = offset.view(batch, height_out, width_out, spec.group, spec.num_points, 2).to(dtype)
+    x = torch.add(regular_x, offset[..., 0], alpha=spec.offset_scale)
+    y = torch.add(regular_y, offset[..., 1], alpha=spec.offset_scale)
     return x, y
 
 
@@ -141,20 +124,15 @@ def _zero_bordered_table(input: torch.Tensor, group_channels: int) -> torch.Tens
 
 
 def _bilinear_sampling(
-    input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int, stride_h: int,
-    stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int, offset_scale: float,
-    remove_center: int,
+    input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, spec: DCNv3Spec
 ) -> _BilinearSampling:
     """Table rows and bilinear fractions of every sampling point; positions are computed in float64 for float64
     inputs and in float32 otherwise."""
     batch, height, width, _ = input.shape
     position_dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
     # Positions in the table's coordinates (two border pixels on the top and left).
-    x, y = _sampling_positions(
-        offset, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
-        offset_scale, remove_center, position_dtype, shift=2.0,
-    )
-    num_points = x.shape[-1]
+    x, y = _sampling_positions(offset, spec, position_dtype, shift=2.0)
+    num_points, group = spec.num_points, spec.group
     table_h, table_w = height + 4, width + 4
     # The top-left corner's column and row, and the fractions (x and y are fresh tensors: updated in place to keep
     # the op's peak memory low). An infinite position's fraction is inf - inf = NaN, as in grid_sample.
@@ -212,18 +190,12 @@ def _image_chunks(mask: torch.Tensor) -> list[slice]:
     return [slice(start, start + images) for start in range(0, batch, images)]
 
 
-def _sample(
-    input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int, stride_h: int,
-    stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int, group_channels: int,
-    offset_scale: float, remove_center: int,
-) -> torch.Tensor:
+def _sample(input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, spec: DCNv3Spec) -> torch.Tensor:
     """The forward of a batch: each output is the sum over its points and their four bilinear corners of weight *
     corner row of the zero-bordered table (no (N, H_out, W_out, G, P, Cg) intermediate), one corner at a time as
     sparse-dense products (`_sparse_products`) or `F.embedding_bag` calls."""
-    sampling = _bilinear_sampling(
-        input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
-        offset_scale, remove_center,
-    )
+    sampling = _bilinear_sampling(input, offset, mask, spec)
+    group_channels = spec.group_channels
     table = _zero_bordered_table(input, group_channels)
     rows = sampling.rows.view(-1)
     num_bags, num_points = sampling.rows.shape
@@ -251,19 +223,11 @@ def _in_float32_on_cpu(tensor: torch.Tensor) -> bool:
     return tensor.device.type == "cpu" and tensor.dtype in (torch.float16, torch.bfloat16)
 
 
-def _dcnv3_pytorch_forward(
-    input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int, stride_h: int,
-    stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int, group_channels: int,
-    offset_scale: float, remove_center: int,
-) -> torch.Tensor:
+def _forward(input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, spec: DCNv3Spec) -> torch.Tensor:
     """The forward as plain differentiable PyTorch operators (`_sample`)."""
-    arguments = (
-        kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
-        offset_scale, remove_center,
-    )
     if _in_float32_on_cpu(input):
-        return _sample(input.float(), offset, mask.float(), *arguments).to(input.dtype)
-    return _sample(input, offset, mask, *arguments)
+        return _sample(input.float(), offset, mask.float(), spec).to(input.dtype)
+    return _sample(input, offset, mask, spec)
 
 
 def _corner_products(
@@ -341,19 +305,15 @@ def _table_gradient(sampling: _BilinearSampling, grad_output: torch.Tensor, num_
 
 
 def _sample_backward(
-    grad_output: torch.Tensor, input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int,
-    kernel_w: int, stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int,
-    group: int, group_channels: int, offset_scale: float, remove_center: int,
+    grad_output: torch.Tensor, input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, spec: DCNv3Spec
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (input, offset, mask) of `_sample` for `grad_output`, computed directly (the sampling positions
     are recomputed, which is cheap next to the rest): the table gradient (`_table_gradient`), and from the dot
     products of the output gradient with the corner rows (`_corner_products`) the chain rule through the bilinear
     weights to the mask and the positions (offsets)."""
-    sampling = _bilinear_sampling(
-        input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
-        offset_scale, remove_center,
-    )
+    sampling = _bilinear_sampling(input, offset, mask, spec)
     batch, height, width, channels = input.shape
+    group_channels = spec.group_channels
     table = _zero_bordered_table(input, group_channels)
     num_bags, num_points = sampling.rows.shape
     grad_output = grad_output.to(input.dtype).reshape(num_bags, group_channels).contiguous()
@@ -367,7 +327,7 @@ def _sample_backward(
     top = top_left.addcmul_(sampling.frac_x, right_minus_left_top)  # the bilinear sample's rows
     bottom_minus_top = bottom_left.addcmul_(sampling.frac_x, right_minus_left_bottom).sub_(top)
     grad_mask = top.addcmul_(sampling.frac_y, bottom_minus_top)
-    scaled_mask = sampling.mask * offset_scale
+    scaled_mask = sampling.mask * spec.offset_scale
     grad_offset = scaled_mask.new_empty(num_bags, num_points, 2)
     torch.mul(right_minus_left_top.lerp_(right_minus_left_bottom, sampling.frac_y), scaled_mask,
               out=grad_offset[..., 0])
@@ -375,27 +335,19 @@ def _sample_backward(
     return grad_input, grad_offset.view(offset.shape).to(offset.dtype), grad_mask.view(mask.shape).to(mask.dtype)
 
 
-def _dcnv3_pytorch_backward(
-    grad_output: torch.Tensor, input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int,
-    kernel_w: int, stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int,
-    group: int, group_channels: int, offset_scale: float, remove_center: int,
+def _backward(
+    grad_output: torch.Tensor, input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, spec: DCNv3Spec
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (input, offset, mask) of the forward (`_sample_backward`), in chunks of images on CPU."""
-    arguments = (
-        kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group, group_channels,
-        offset_scale, remove_center,
-    )
     if _in_float32_on_cpu(input):
-        grad_input, grad_offset, grad_mask = _dcnv3_pytorch_backward(
-            grad_output.float(), input.float(), offset, mask.float(), *arguments
-        )
+        grad_input, grad_offset, grad_mask = _backward(grad_output.float(), input.float(), offset, mask.float(), spec)
         return grad_input.to(input.dtype), grad_offset, grad_mask.to(mask.dtype)
     chunks = _image_chunks(mask)
     if len(chunks) == 1:
-        return _sample_backward(grad_output, input, offset, mask, *arguments)
+        return _sample_backward(grad_output, input, offset, mask, spec)
     grads = (torch.empty_like(input), torch.empty_like(offset), torch.empty_like(mask))
     for images in chunks:
-        chunk_grads = _sample_backward(grad_output[images], input[images], offset[images], mask[images], *arguments)
+        chunk_grads = _sample_backward(grad_output[images], input[images], offset[images], mask[images], spec)
         for grad, chunk_grad in zip(grads, chunk_grads):
             grad[images] = chunk_grad
     return grads
@@ -403,7 +355,15 @@ def _dcnv3_pytorch_backward(
 
 # Opaque to `torch.compile` as a custom operator: inductor's fused code for the index arithmetic is not vectorised
 # on CPU and runs slower than these eager operators, so a compiled model calls them and fuses everything around.
-dcnv3_pytorch_operator = register_dcnv3_operators("dcnv3_pytorch", _dcnv3_pytorch_forward, _dcnv3_pytorch_backward)
+dcnv3_pytorch_operator = register_dcnv3_operators("dcnv3_pytorch", _forward, _backward)
+
+
+def run_dcnv3_pytorch(input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, spec: DCNv3Spec) -> torch.Tensor:
+    """`dcnv3_core_pytorch` for a checked spec. Under `torch.export` (ONNX) the op is traced into its plain
+    operators instead of the opaque custom operator."""
+    if torch.compiler.is_exporting():
+        return _forward(input, offset, mask, spec)
+    return dcnv3_pytorch_operator(input, offset, mask, *spec)
 
 
 def dcnv3_core_pytorch(
@@ -427,21 +387,12 @@ def dcnv3_core_pytorch(
 
     Each output is the mask- and bilinear-weighted sum of the 4 * P corner rows of its group, gathered from a
     zero-bordered copy of the input. Positions are computed in float64 for float64 inputs and in float32 otherwise.
-    Under `torch.export` (ONNX) the op is traced into its plain operators instead of the opaque custom operator.
     """
-    channels = input.shape[-1]
-    if channels != group * group_channels:
-        raise ValueError(f"input has {channels} channels, expected group * group_channels = {group * group_channels}")
-    num_points = kernel_h * kernel_w - int(remove_center)
-    if mask.shape[-1] != group * num_points:
-        raise ValueError(f"mask has {mask.shape[-1]} channels, expected group * points = {group * num_points}")
-    arguments = (
-        int(kernel_h), int(kernel_w), int(stride_h), int(stride_w), int(pad_h), int(pad_w), int(dilation_h),
-        int(dilation_w), int(group), int(group_channels), float(offset_scale), int(remove_center),
+    spec = checked_spec(
+        input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+        group_channels, offset_scale, remove_center,
     )
-    if torch.compiler.is_exporting():
-        return _dcnv3_pytorch_forward(input, offset, mask, *arguments)
-    return dcnv3_pytorch_operator(input, offset, mask, *arguments)
+    return run_dcnv3_pytorch(input, offset, mask, spec)
 
 
-__all__ = ["dcnv3_core_pytorch"]
+__all__ = ["dcnv3_core_pytorch", "run_dcnv3_pytorch"]

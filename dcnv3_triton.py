@@ -22,9 +22,9 @@ import os
 import torch
 
 try:
-    from .dcnv3_custom_ops import dcnv3_output_size, register_dcnv3_operators
+    from .dcnv3_custom_ops import DCNv3Spec, checked_spec, register_dcnv3_operators
 except ImportError:
-    from dcnv3_custom_ops import dcnv3_output_size, register_dcnv3_operators
+    from dcnv3_custom_ops import DCNv3Spec, checked_spec, register_dcnv3_operators
 
 try:
     import triton
@@ -248,96 +248,53 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _launch_settings(
-    input: torch.Tensor, height_out: int, width_out: int, kernel_h: int, kernel_w: int, stride_h: int, stride_w: int,
-    pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int, group_channels: int, offset_scale: float,
-    remove_center: int,
-) -> tuple:
+def _launch_settings(input: torch.Tensor, offset: torch.Tensor, spec: DCNv3Spec) -> tuple:
     """Grid, runtime scalars and constexpr keywords shared by the forward and backward launches."""
+    _check_device(input)
     batch, height, width, _ = input.shape
+    height_out, width_out = offset.shape[1:3]
 
     def grid(meta: dict) -> tuple[int, int]:
-        return batch * height_out * triton.cdiv(width_out, meta["BLOCK_W"]), group
+        return batch * height_out * triton.cdiv(width_out, meta["BLOCK_W"]), spec.group
 
     scalars = (
-        height, width, height_out, width_out, group, group_channels,
-        stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w,
-        (dilation_h * (kernel_h - 1)) // 2, (dilation_w * (kernel_w - 1)) // 2, float(offset_scale),
-        kernel_h * kernel_w - remove_center,
+        height, width, height_out, width_out, spec.group, spec.group_channels,
+        spec.stride_h, spec.stride_w, spec.pad_h, spec.pad_w, spec.dilation_h, spec.dilation_w,
+        (spec.dilation_h * (spec.kernel_h - 1)) // 2, (spec.dilation_w * (spec.kernel_w - 1)) // 2, spec.offset_scale,
+        spec.num_points,
     )
     constexprs = {
-        "KERNEL_H": kernel_h,
-        "KERNEL_W": kernel_w,
-        "REMOVE_CENTER": remove_center,
-        "BLOCK_C": triton.next_power_of_2(group_channels),
+        "KERNEL_H": spec.kernel_h,
+        "KERNEL_W": spec.kernel_w,
+        "REMOVE_CENTER": spec.remove_center,
+        "BLOCK_C": triton.next_power_of_2(spec.group_channels),
         "ACC_DTYPE": tl.float64 if input.dtype == torch.float64 else tl.float32,
     }
     return grid, scalars, constexprs
 
 
-def _validate(
-    input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int, stride_h: int,
-    stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int, group_channels: int,
-    remove_center: int,
-) -> tuple[int, int]:
-    """Checks shapes and devices; returns (H_out, W_out)."""
-    if input.dim() != 4 or input.shape[-1] != group * group_channels:
-        raise ValueError(
-            f"input must be (N, H, W, group * group_channels = {group * group_channels}), got {tuple(input.shape)}"
-        )
-    if not input.is_floating_point():
-        raise ValueError(f"input must be a floating tensor, got {input.dtype}")
-    batch, height, width, _ = input.shape
-    height_out = dcnv3_output_size(height, kernel_h, stride_h, pad_h, dilation_h)
-    width_out = dcnv3_output_size(width, kernel_w, stride_w, pad_w, dilation_w)
-    num_points = kernel_h * kernel_w - remove_center
-    for name, tensor, last in (("offset", offset, group * num_points * 2), ("mask", mask, group * num_points)):
-        expected = (batch, height_out, width_out, last)
-        if tuple(tensor.shape) != expected:
-            raise ValueError(f"{name} must have shape {expected} for these arguments, got {tuple(tensor.shape)}")
-        if tensor.device != input.device:
-            raise ValueError(f"{name} is on {tensor.device} but input is on {input.device}; move them together")
-    _check_device(input)
-    return height_out, width_out
-
-
-def _triton_forward(
-    input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int, kernel_w: int, stride_h: int,
-    stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int, group: int, group_channels: int,
-    offset_scale: float, remove_center: int,
-) -> torch.Tensor:
+def _triton_forward(input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, spec: DCNv3Spec) -> torch.Tensor:
     """DCNv3 forward: input (N, H, W, G*Cg), offset (N, H_out, W_out, G*P*2), mask (N, H_out, W_out, G*P)
     -> (N, H_out, W_out, G*Cg) in the input dtype."""
-    arguments = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group)
-    height_out, width_out = _validate(input, offset, mask, *arguments, group_channels, remove_center)
     input, offset, mask = input.contiguous(), offset.contiguous(), mask.contiguous()
-    output = input.new_empty(input.shape[0], height_out, width_out, input.shape[-1])
-    if output.numel() == 0:
-        return output.zero_()
-    grid, scalars, constexprs = _launch_settings(
-        input, height_out, width_out, *arguments, group_channels, offset_scale, remove_center
-    )
-    _dcnv3_forward_kernel[grid](input, offset, mask, output, *scalars, **constexprs)
+    output = input.new_empty(*offset.shape[:3], input.shape[-1])
+    grid, scalars, constexprs = _launch_settings(input, offset, spec)
+    if output.numel() > 0:
+        _dcnv3_forward_kernel[grid](input, offset, mask, output, *scalars, **constexprs)
     return output
 
 
 def _triton_backward(
-    grad_output: torch.Tensor, input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, kernel_h: int,
-    kernel_w: int, stride_h: int, stride_w: int, pad_h: int, pad_w: int, dilation_h: int, dilation_w: int,
-    group: int, group_channels: int, offset_scale: float, remove_center: int,
+    grad_output: torch.Tensor, input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, spec: DCNv3Spec
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients (input, offset, mask), each in its tensor's dtype, of the forward for `grad_output`."""
-    arguments = (kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group)
-    height_out, width_out = _validate(input, offset, mask, *arguments, group_channels, remove_center)
     input, offset, mask = input.contiguous(), offset.contiguous(), mask.contiguous()
     grad_output = grad_output.contiguous()
     grad_input = torch.zeros(input.shape, dtype=_accumulation_dtype(input.dtype), device=input.device)
     grad_offset = torch.zeros_like(offset)
     grad_mask = torch.zeros_like(mask)
+    grid, scalars, constexprs = _launch_settings(input, offset, spec)
     if grad_output.numel() > 0:
-        grid, scalars, constexprs = _launch_settings(
-            input, height_out, width_out, *arguments, group_channels, offset_scale, remove_center
-        )
         _dcnv3_backward_kernel[grid](
             input, offset, mask, grad_output, grad_input, grad_offset, grad_mask, *scalars, **constexprs
         )
@@ -372,12 +329,18 @@ def dcnv3_triton(
     in the input dtype. offset and mask may have other floating dtypes (e.g. under autocast); all arithmetic is
     float32 (float64 for float64 input).
     """
+    spec = checked_spec(
+        input, offset, mask, kernel_h, kernel_w, stride_h, stride_w, pad_h, pad_w, dilation_h, dilation_w, group,
+        group_channels, offset_scale, remove_center,
+    )
+    return run_dcnv3_triton(input, offset, mask, spec)
+
+
+def run_dcnv3_triton(input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, spec: DCNv3Spec) -> torch.Tensor:
+    """`dcnv3_triton` for a checked spec."""
     if triton is None:
         raise RuntimeError("The Triton DCNv3 kernels need the `triton` package: `pip install triton`")
-    return dcnv3_triton_operator(
-        input, offset, mask, int(kernel_h), int(kernel_w), int(stride_h), int(stride_w), int(pad_h), int(pad_w),
-        int(dilation_h), int(dilation_w), int(group), int(group_channels), float(offset_scale), int(remove_center),
-    )
+    return dcnv3_triton_operator(input, offset, mask, *spec)
 
 
-__all__ = ["dcnv3_triton", "is_available"]
+__all__ = ["dcnv3_triton", "is_available", "run_dcnv3_triton"]

@@ -289,8 +289,9 @@ class InternImageDCNv3(nn.Module):
         mask = mask.view(batch, height, width, -1).to(values.dtype)
         pad = (self.kernel_size - 1) // 2
         output = dcnv3_core(
-            values, offset, mask, self.kernel_size, self.kernel_size, 1, 1, pad, pad, 1, 1,
-            self.groups, self.group_channels, self.offset_scale, self.remove_center, backend=self.backend,
+            values, offset, mask, kernel_h=self.kernel_size, kernel_w=self.kernel_size, stride_h=1, stride_w=1,
+            pad_h=pad, pad_w=pad, dilation_h=1, dilation_w=1, group=self.groups, group_channels=self.group_channels,
+            offset_scale=self.offset_scale, remove_center=self.remove_center, backend=self.backend,
         )
         if self.center_feature_scale_proj is not None:
             # Per group: output * (1 - scale) + values * scale.

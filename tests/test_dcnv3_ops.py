@@ -7,6 +7,7 @@ the DCNv3 module (our forward vs the official module forward).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import sys
 from pathlib import Path
@@ -23,7 +24,9 @@ from dcnv3_oracle import oracle_dcnv3_core, oracle_dcnv3_module_forward  # noqa:
 
 import dcnv3_pytorch  # noqa: E402
 from configuration_internimage import InternImageConfig  # noqa: E402
-from dcnv3_ops import dcnv3_core, dcnv3_core_pytorch, dcnv3_output_size  # noqa: E402
+from dcnv3_custom_ops import checked_spec  # noqa: E402
+from dcnv3_ops import BACKENDS, dcnv3_core, dcnv3_core_pytorch, dcnv3_output_size  # noqa: E402
+from dcnv3_triton import dcnv3_triton  # noqa: E402
 from modeling_internimage import InternImageDCNv3  # noqa: E402
 
 FIXTURES = sorted((ROOT / "tests" / "fixtures" / "dcnv3_op").glob("case_*.pt"))
@@ -201,6 +204,38 @@ def test_rejects_inconsistent_shapes():
         dcnv3_core_pytorch(inputs["input"], inputs["offset"], inputs["mask"][..., :-1], *args)
 
 
+ENTRY_POINTS = {
+    **{f"dcnv3_core[{backend}]": functools.partial(dcnv3_core, backend=backend) for backend in BACKENDS},
+    "dcnv3_core_pytorch": dcnv3_core_pytorch,
+    "dcnv3_triton": dcnv3_triton,
+}
+
+
+@pytest.mark.parametrize("entry", ENTRY_POINTS.values(), ids=ENTRY_POINTS.keys())
+def test_every_backend_rejects_a_bad_call_with_the_same_error(entry):
+    """One check (`checked_spec`) runs before any backend, installed or not, and says what does not fit."""
+    inputs, args, _ = random_case(group=2, group_channels=4)
+    input, offset, mask = inputs["input"], inputs["offset"], inputs["mask"]
+    with_argument = {name: index for index, name in enumerate(HYPER_PARAMETERS)}
+
+    def changed(name: str, value) -> tuple:
+        return (*args[: with_argument[name]], value, *args[with_argument[name] + 1 :])
+
+    bad_calls = [
+        ((input[..., :-1], offset, mask), args, r"floating \(N, H, W, group \* group_channels = 8\) tensor, got"),
+        ((input.long(), offset, mask), args, "floating .* got torch.int64"),
+        ((input, offset[..., :-2], mask), args, r"offset must have shape \(2, 7, 9, 36\) .*group \* points \* 2"),
+        ((input, offset, mask[:, :-1]), args, r"mask must have shape \(2, 7, 9, 18\) .*group \* points\)"),
+        ((input, offset, mask), changed("stride_h", 0), "`stride_h` must be at least 1, got 0"),
+        ((input, offset, mask), changed("pad_w", -1), "`pad_w` must be at least 0, got -1"),
+        ((input, offset, mask), changed("remove_center", 2), "`remove_center` is 0 or 1, got 2"),
+        ((input, offset.to("meta"), mask), args, "offset is on meta but input is on cpu"),
+    ]
+    for tensors, arguments, message in bad_calls:
+        with pytest.raises(ValueError, match=message):
+            entry(*tensors, *arguments)
+
+
 def test_torch_compile_fullgraph_matches_eager():
     inputs, args, grad_weight = random_case(batch=2, height=12, width=10, group=4, group_channels=8, seed=1)
     compiled = torch.compile(dcnv3_core_pytorch, fullgraph=True)
@@ -249,8 +284,9 @@ def test_corner_products_sampled_and_gathered_agree(dtype):
     float64) and the gather (other devices) give the same numbers."""
     inputs, args, _ = random_case(batch=2, height=7, width=9, seed=3)
     input, offset, mask = (inputs[name].to(dtype) for name in GRADIENTS)
-    sampling = dcnv3_pytorch._bilinear_sampling(input, offset, mask, *args[:9], *args[10:])
-    table = dcnv3_pytorch._zero_bordered_table(input, args[9])
+    spec = checked_spec(input, offset, mask, *args)
+    sampling = dcnv3_pytorch._bilinear_sampling(input, offset, mask, spec)
+    table = dcnv3_pytorch._zero_bordered_table(input, spec.group_channels)
     grad_output = torch.randn(sampling.rows.shape[0], args[9], dtype=dtype, generator=torch.Generator().manual_seed(4))
     rows = sampling.rows.long().unsqueeze(-1) + torch.tensor(sampling.corner_shifts)
     expected = (table[rows] * grad_output[:, None, None, :]).sum(-1)
