@@ -11,7 +11,7 @@ from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
 
-DCN_BACKENDS = ("auto", "triton", "cuda", "pytorch")
+DCN_BACKENDS = ("auto", "triton", "cuda", "pytorch")  # also the names `dcnv3_ops` dispatches over
 POOLER_TYPES = ("conv", "attention", None)
 DROP_PATH_TYPES = ("linear", "uniform")
 

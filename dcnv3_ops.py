@@ -28,11 +28,13 @@ import torch
 from transformers.utils import logging
 
 try:
+    from .configuration_internimage import DCN_BACKENDS as BACKENDS
     from .dcnv3_custom_ops import checked_spec, dcnv3_output_size
     from .dcnv3_pytorch import dcnv3_core_pytorch, run_dcnv3_pytorch
     from .dcnv3_triton import is_available as triton_is_available
     from .dcnv3_triton import run_dcnv3_triton
 except ImportError:
+    from configuration_internimage import DCN_BACKENDS as BACKENDS
     from dcnv3_custom_ops import checked_spec, dcnv3_output_size
     from dcnv3_pytorch import dcnv3_core_pytorch, run_dcnv3_pytorch
     from dcnv3_triton import is_available as triton_is_available
@@ -41,7 +43,6 @@ except ImportError:
 logger = logging.get_logger(__name__)
 
 BACKEND_ENV_VAR = "INTERNIMAGE_DCN_BACKEND"
-BACKENDS = ("auto", "triton", "cuda", "pytorch")
 
 
 def _cuda_extension_module():

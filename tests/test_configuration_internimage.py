@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import json
 import re
 import sys
 import unittest
@@ -18,7 +19,7 @@ for path in (ROOT, ROOT / "tests"):
 
 from transformers_common import load_transformers_common_tests  # noqa: E402
 
-from configuration_internimage import VARIANTS, InternImageConfig  # noqa: E402
+from configuration_internimage import DCN_BACKENDS, VARIANTS, InternImageConfig, evaluation_transform  # noqa: E402
 
 COMMON = load_transformers_common_tests()
 
@@ -268,3 +269,20 @@ def test_docstring_example_runs():
     model = namespace["model"]
     assert type(model).__name__ == "InternImageModel" and model.config.to_dict() == namespace["config"].to_dict()
     assert model.config.depths == [4, 4, 18, 4] and model.config.label_set == "imagenet-1k"
+
+
+def test_backend_names_and_the_evaluation_transform_are_defined_once():
+    """The op dispatches over the config's backend names; the converter and the trainer read one evaluation
+    transform (ImageNet mean/std, resize and crop)."""
+    import convert_checkpoints
+    import dcnv3_ops
+    import train_classification
+
+    assert dcnv3_ops.BACKENDS is DCN_BACKENDS
+    with pytest.raises(ValueError, match="dcn_backend"):
+        InternImageConfig(dcn_backend="tensorrt")
+    expected = evaluation_transform(384)
+    assert expected["image_mean"] == [0.485, 0.456, 0.406] and expected["image_std"] == [0.229, 0.224, 0.225]
+    assert convert_checkpoints.preprocessor_config(384) == {"image_processor_type": "CLIPImageProcessor", **expected}
+    processor = train_classification.default_image_processor(384).to_dict()
+    assert json.loads(json.dumps({key: processor[key] for key in expected})) == expected
