@@ -7,7 +7,8 @@ together with the offsets), `grid_sample(bilinear, zeros, align_corners=False)`,
 points. Sampling grids are built in the input's dtype, so float64 inputs get float64 grids (the fixtures'
 `*_f64ref` fields). `oracle_dcnv3_module_forward` is the official module forward (layout copies included) around
 the oracle op. The tests use both as the reference; `tests/official_reference.py` (the whole official model) and
-`benchmarks/bench_cpu.py` (the op alone) use the op.
+`benchmarks/bench_cpu.py` (the op alone) use the op. `random_case` and `run_op` make the random cases the op tests
+compare on.
 """
 
 from __future__ import annotations
@@ -93,3 +94,51 @@ def oracle_dcnv3_module_forward(module: torch.nn.Module, hidden_states: torch.Te
         scale = scale[..., None].repeat(1, 1, 1, 1, module.group_channels).flatten(-2)
         output = output * (1 - scale) + values * scale
     return module.output_proj(output)
+
+
+HYPER_PARAMETERS = (
+    "kernel_h", "kernel_w", "stride_h", "stride_w", "pad_h", "pad_w", "dilation_h", "dilation_w", "group",
+    "group_channels", "offset_scale", "remove_center",
+)
+GRADIENTS = ("input", "offset", "mask")
+
+
+def run_op(op, inputs: dict[str, torch.Tensor], args: tuple, grad_weight: torch.Tensor, dtype: torch.dtype):
+    """Output and gradients of `sum(op(...) * grad_weight)` w.r.t. input, offset and mask, computed in `dtype`."""
+    leaves = {name: inputs[name].detach().to(dtype).requires_grad_() for name in GRADIENTS}
+    output = op(*leaves.values(), *args)
+    (output * grad_weight.to(dtype)).sum().backward()
+    return output.detach(), {name: leaf.grad for name, leaf in leaves.items()}
+
+
+def random_case(
+    batch: int = 2,
+    height: int = 7,
+    width: int = 9,
+    kernel: int = 3,
+    stride: int = 1,
+    pad: int = 1,
+    dilation: int = 1,
+    group: int = 2,
+    group_channels: int = 4,
+    offset_scale: float = 1.0,
+    remove_center: int = 0,
+    offset_std: float = 2.0,
+    seed: int = 0,
+) -> tuple[dict[str, torch.Tensor], tuple, torch.Tensor]:
+    """float64 (input, offset, mask), the op's hyper-parameters and a random output weight."""
+    generator = torch.Generator().manual_seed(seed)
+    height_out, width_out = ((size + 2 * pad - (dilation * (kernel - 1) + 1)) // stride + 1 for size in (height, width))
+    points = kernel * kernel - remove_center
+    out_shape = (batch, height_out, width_out)
+    inputs = {
+        "input": torch.randn(batch, height, width, group * group_channels, generator=generator, dtype=torch.float64),
+        "offset": offset_std * torch.randn(*out_shape, group * points * 2, generator=generator, dtype=torch.float64),
+        "mask": torch.randn(*out_shape, group, points, generator=generator, dtype=torch.float64)
+        .softmax(-1)
+        .flatten(-2),
+    }
+    args = (kernel, kernel, stride, stride, pad, pad, dilation, dilation, group, group_channels, offset_scale,
+            remove_center)
+    grad_weight = torch.randn(*out_shape, group * group_channels, generator=generator, dtype=torch.float64)
+    return inputs, args, grad_weight

@@ -5,13 +5,21 @@ norms built as `nn.Sequential` (`norm1.0.weight`, `patch_embed.norm1.1.weight`),
 centre-feature-scale projection as two bare parameters, the conv head (`conv_head.*`) or, for H/G, the CLIP
 projector (`dcnv3_head_x4`, `dcnv3_head_x3`, `clip_projector.*`, `fc_norm`; widths 1024 and 768 are fixed
 constants there, L654). `tests/test_half_precision.py` checks it against the manifests of the released models.
+Also the fixture models in that format (`tests/fixtures/models/<name>`): their official kwargs, and converted.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
+
+from convert_checkpoints import config_from_official_kwargs, rename_official_key
+from modeling_internimage import InternImageForImageClassification
+
+FIXTURE_MODELS = Path(__file__).resolve().parent / "fixtures" / "models"
 
 CLIP_WIDTH, CLIP_OUTPUT, CLIP_UPSAMPLE = 1024, 768, 4
 # Tiny models with every flag of the H and G releases (H: res-post-norm; G: post-norm; both: depth-wise kernel 5,
@@ -133,3 +141,17 @@ def _random_maker(seed: int) -> Callable[[str, tuple[int, ...]], torch.Tensor]:
 
 def meta_maker(key: str, shape: tuple[int, ...]) -> torch.Tensor:
     return torch.empty(shape, device="meta")
+
+
+def fixture_kwargs(name: str) -> dict:
+    """The official `InternImage(**kwargs)` of the fixture model `name` (`tiny_t`, `tiny_l`)."""
+    return json.loads((FIXTURE_MODELS / name / "official_args.json").read_text())["kwargs"]
+
+
+def fixture_classifier(name: str) -> tuple[InternImageForImageClassification, torch.Tensor, dict]:
+    """The official fixture model converted in memory, its input and the official outputs."""
+    folder = FIXTURE_MODELS / name
+    official = torch.load(folder / "checkpoint.pth", weights_only=True)["model"]
+    model = InternImageForImageClassification(config_from_official_kwargs(fixture_kwargs(name), drop_path_rate=0.0))
+    model.eval().load_state_dict({rename_official_key(k): v for k, v in official.items()}, strict=True)
+    return model, torch.load(folder / "input.pt", weights_only=True), torch.load(folder / "expected.pt")

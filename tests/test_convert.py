@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import FIXTURES, ROOT, run_python
+from official_format import fixture_kwargs
 
 import convert_checkpoints
 from configuration_internimage import AUTO_MAP, InternImageConfig
@@ -25,14 +26,10 @@ MODELS = ("tiny_t", "tiny_l")
 MANIFESTS = sorted((FIXTURES / "manifests").glob("*.json"))
 
 
-def official_kwargs(name: str) -> dict:
-    return json.loads((FIXTURES / "models" / name / "official_args.json").read_text())["kwargs"]
-
-
 def official_kwargs_file(name: str, folder: Path) -> Path:
     """The fixture's official constructor kwargs as a JSON file (what `--official-config` takes)."""
     path = folder / f"{name}_kwargs.json"
-    path.write_text(json.dumps(official_kwargs(name)))
+    path.write_text(json.dumps(fixture_kwargs(name)))
     return path
 
 
@@ -42,7 +39,7 @@ def official_state_dict(name: str) -> dict[str, torch.Tensor]:
 
 def local_classifier(name: str) -> InternImageForImageClassification:
     """The fixture model built in this process with the converter's key mapping (no remote code)."""
-    model = InternImageForImageClassification(convert_checkpoints.config_from_official_kwargs(official_kwargs(name)))
+    model = InternImageForImageClassification(convert_checkpoints.config_from_official_kwargs(fixture_kwargs(name)))
     renamed = {convert_checkpoints.rename_official_key(k): v for k, v in official_state_dict(name).items()}
     model.load_state_dict(renamed, strict=True)
     return model.eval()
@@ -173,7 +170,7 @@ def test_model_card_examples_on_a_real_png(remote_results, name):
     assert pixel_values.shape == (1, 3, 224, 224)
     # A photograph after ImageNet normalisation: inside [(0 - mean) / std, (1 - mean) / std], both signs present.
     assert -2.2 < pixel_values.min() < 0 < pixel_values.max() < 2.7
-    channels = official_kwargs(name)["channels"]
+    channels = fixture_kwargs(name)["channels"]
     assert [tuple(h.shape) for h in result["card_hidden_states"]] == [
         (1, channels * 2**i, 224 // 2 ** (i + 2), 224 // 2 ** (i + 2)) for i in range(4)
     ]
@@ -305,7 +302,7 @@ def test_other_checkpoint_layouts(tmp_path, layout):
 
 
 def test_official_training_yaml(tmp_path):
-    kwargs = official_kwargs("tiny_l")
+    kwargs = fixture_kwargs("tiny_l")
     (tmp_path / "tiny_l.yaml").write_text(
         "DATA:\n  IMG_SIZE: 96\nMODEL:\n  TYPE: intern_image\n  NUM_CLASSES: 10\n  DROP_PATH_RATE: 0.1\n"
         f"  INTERN_IMAGE:\n    CORE_OP: 'DCNv3'\n    DEPTHS: {kwargs['depths']}\n    GROUPS: {kwargs['groups']}\n"
@@ -352,7 +349,7 @@ def test_head_1k_selects_the_22k_rows(tmp_path):
     checkpoint = tmp_path / "tiny_22k.pth"
     torch.save({"model": official}, checkpoint)
     kwargs_file = tmp_path / "kwargs.json"
-    kwargs_file.write_text(json.dumps({**official_kwargs("tiny_t"), "num_classes": 21841}))
+    kwargs_file.write_text(json.dumps({**fixture_kwargs("tiny_t"), "num_classes": 21841}))
 
     folder = convert_checkpoint(checkpoint, tmp_path / "out", official_config=kwargs_file, head_1k=True, verify=False)
     model = InternImageForImageClassification.from_pretrained(folder)

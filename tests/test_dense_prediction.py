@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from conftest import FIXTURES, ROOT
+from official_format import fixture_kwargs
 
 from configuration_internimage import InternImageConfig
 from convert_checkpoints import DENSE_PREDICTION_EXAMPLE, finalize_config, main, write_model_card
@@ -119,8 +120,7 @@ def _hub_cache(hf_home: Path, folder: Path) -> None:
 
 
 def test_upernet_from_a_converted_folder_alone(tmp_path):
-    kwargs = json.loads((FIXTURES / "models" / "tiny_t" / "official_args.json").read_text())["kwargs"]
-    (tmp_path / "kwargs.json").write_text(json.dumps(kwargs))
+    (tmp_path / "kwargs.json").write_text(json.dumps(fixture_kwargs("tiny_t")))
     folder, other = tmp_path / "internimage-tiny", tmp_path / "other-internimage"
     options = ["--official-config", str(tmp_path / "kwargs.json"), "--no-verify"]
     assert main([str(FIXTURES / "models" / "tiny_t" / "checkpoint.pth"), str(folder), *options]) == 0

@@ -17,13 +17,20 @@ import numpy as np
 import pytest
 import torch
 from conftest import FIXTURES, run_python
-from official_format import TINY_G_KWARGS, TINY_H_KWARGS, meta_maker, official_state_dict
+from official_format import (
+    TINY_G_KWARGS,
+    TINY_H_KWARGS,
+    fixture_classifier,
+    fixture_kwargs,
+    meta_maker,
+    official_state_dict,
+)
 
 from convert_checkpoints import config_from_official_kwargs, main, rename_official_key
 from modeling_internimage import InternImageForImageClassification
 
 CARD_EXAMPLES = sorted((FIXTURES / "model_card").glob("seed003_example*.py"))
-T_KWARGS = json.loads((FIXTURES / "models" / "tiny_t" / "official_args.json").read_text())["kwargs"]
+T_KWARGS = fixture_kwargs("tiny_t")
 
 
 def half_representable(state_dict: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -287,3 +294,28 @@ def test_half_model_on_gpu_takes_float32_pixel_values(folders, dtype):
         expected = reference_model(case["kwargs"], case["weights"])(pixel_values).logits
     torch.testing.assert_close(logits, expected, rtol=0, atol=0.15)
 
+
+@pytest.mark.parametrize("name", ["tiny_t", "tiny_l"])
+@pytest.mark.parametrize(("dtype", "tolerance"), [(torch.bfloat16, 0.1), (torch.float16, 0.02)])
+def test_half_precision_from_pretrained_matches_float32(name, dtype, tolerance, tmp_path):
+    model, pixel_values, expected = fixture_classifier(name)
+    model.save_pretrained(tmp_path)
+    half = InternImageForImageClassification.from_pretrained(tmp_path, dtype=dtype).eval()
+    assert half.classifier.weight.dtype == dtype
+    with torch.no_grad():
+        logits = half(pixel_values.to(dtype)).logits
+    assert logits.dtype == dtype
+    torch.testing.assert_close(logits.float(), expected["logits"], rtol=0, atol=tolerance)
+    assert torch.equal(logits.float().argmax(-1), expected["logits"].argmax(-1))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_on_gpu_matches_float32(dtype, tmp_path):
+    model, pixel_values, expected = fixture_classifier("tiny_t")
+    model.save_pretrained(tmp_path)
+    half = InternImageForImageClassification.from_pretrained(tmp_path, dtype=dtype).eval().cuda()
+    with torch.no_grad():
+        logits = half(pixel_values.to("cuda", dtype)).logits.float().cpu()
+    torch.testing.assert_close(logits, expected["logits"], rtol=0, atol=0.1)
+    assert torch.equal(logits.argmax(-1), expected["logits"].argmax(-1))

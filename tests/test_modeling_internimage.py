@@ -32,11 +32,13 @@ for path in (ROOT, ROOT / "tests"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
+from official_format import fixture_classifier  # noqa: E402
 from transformers_common import load_transformers_common_tests  # noqa: E402
 
 import dcnv3_ops  # noqa: E402
 from configuration_internimage import AUTO_MAP, InternImageConfig  # noqa: E402
 from convert_checkpoints import model_code_files  # noqa: E402
+from internimage_auto import register_internimage  # noqa: E402
 from modeling_internimage import (  # noqa: E402
     InternImageBackbone,
     InternImageDCNv3,
@@ -249,6 +251,98 @@ class InternImageBackboneTest(COMMON.BackboneTesterMixin, unittest.TestCase):
         self.assertEqual((config.out_features, config.out_indices), (["stage4"], [4]))
         with self.assertRaises(ValueError):
             InternImageConfig(out_features=["stage1", "stage2"], out_indices=[0, 2])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Backbone: the official stage maps, out_features, frozen stages, UperNet
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["tiny_t", "tiny_l"])
+def test_backbone_loads_classifier_folder_and_matches_official_stages(name, tmp_path):
+    classifier, pixel_values, expected = fixture_classifier(name)
+    classifier.save_pretrained(tmp_path)
+    backbone, info = InternImageBackbone.from_pretrained(
+        tmp_path, out_features=["stem", "stage1", "stage2", "stage3", "stage4"], output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["mismatched_keys"]
+    assert not info["unexpected_keys"]  # the pooler and classifier are ignored on purpose
+    assert not any(name.startswith("pooler") for name, _ in backbone.named_parameters())
+    with torch.no_grad():
+        outputs = backbone.eval()(pixel_values)
+    references = [expected["stem"]] + [expected[f"stage_{i}"] for i in range(4)]
+    assert backbone.channels == [reference.shape[1] for reference in references]
+    for mine, reference in zip(outputs.feature_maps, references, strict=True):
+        torch.testing.assert_close(mine, reference, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        hidden_states = classifier.internimage(pixel_values).hidden_states
+    for mine, reference in zip(outputs.feature_maps[1:], hidden_states, strict=True):
+        torch.testing.assert_close(mine, reference, rtol=0, atol=0)
+
+
+def test_backbone_out_features_and_config_round_trip(tmp_path):
+    config = InternImageConfig(channels=8, depths=[1, 1, 1, 1], groups=[2, 4, 8, 16], out_indices=[-1])
+    assert config.out_features == ["stage4"]
+    config.save_pretrained(tmp_path)
+    reloaded = InternImageConfig.from_pretrained(tmp_path)
+    assert reloaded.out_features == ["stage4"] and reloaded.stage_names == config.stage_names
+    backbone = InternImageBackbone(InternImageConfig(channels=8, depths=[1, 1, 1, 1], groups=[2, 4, 8, 16]))
+    feature_maps = backbone(torch.randn(1, 3, 32, 64)).feature_maps
+    assert [tuple(f.shape) for f in feature_maps] == [(1, 8, 8, 16), (1, 16, 4, 8), (1, 32, 2, 4), (1, 64, 1, 2)]
+    with pytest.raises(ValueError, match="out_features must be a subset"):
+        InternImageConfig(out_features=["stage5"])
+    with pytest.raises(ValueError, match="frozen_stages"):
+        InternImageConfig(frozen_stages=5)
+
+
+def test_frozen_stages_follow_the_official_detection_backbone(tmp_path):
+    config = InternImageConfig(
+        channels=8, depths=[1, 1, 1, 1], groups=[2, 4, 8, 16], frozen_stages=2, drop_path_rate=0.0
+    )
+    InternImageBackbone(config).save_pretrained(tmp_path)
+    backbone = InternImageBackbone.from_pretrained(tmp_path).train()
+    for index, stage in enumerate(backbone.encoder.stages):
+        frozen = index < 2
+        assert all(p.requires_grad != frozen for p in stage.parameters()), index
+        assert all(module.training != frozen for module in stage.modules()), index
+    assert all(p.requires_grad for p in backbone.embeddings.parameters())  # the official code leaves the stem
+    # A plain sum of a LayerNorm output does not depend on its input (zero gradient): weight the maps randomly.
+    feature_maps = backbone(torch.randn(1, 3, 32, 32)).feature_maps
+    sum((f * torch.randn_like(f)).sum() for f in feature_maps).backward()
+    assert backbone.encoder.stages[0].layers[0].dcn.input_proj.weight.grad is None
+    assert backbone.encoder.stages[2].layers[0].dcn.input_proj.weight.grad.abs().sum() > 0
+
+
+def test_upernet_on_internimage_forward_backward_and_round_trip(tmp_path):
+    from transformers import AutoBackbone, UperNetConfig, UperNetForSemanticSegmentation
+    from transformers.backbone_utils import load_backbone
+
+    register_internimage()
+    register_internimage()  # idempotent
+    backbone_config = InternImageConfig(channels=8, depths=[1, 1, 2, 1], groups=[2, 4, 8, 16], drop_path_rate=0.0)
+    assert type(AutoBackbone.from_config(backbone_config)) is InternImageBackbone
+    config = UperNetConfig(backbone_config=backbone_config, hidden_size=16, auxiliary_in_channels=32, num_labels=3)
+    assert type(load_backbone(config)) is InternImageBackbone
+    torch.manual_seed(0)
+    model = UperNetForSemanticSegmentation(config)
+    pixel_values = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    labels = torch.randint(0, 3, (2, 64, 64), generator=torch.Generator().manual_seed(2))
+    outputs = model(pixel_values=pixel_values, labels=labels)
+    assert outputs.logits.shape == (2, 3, 64, 64) and torch.isfinite(outputs.loss)
+    outputs.loss.backward()
+    assert model.backbone.embeddings.conv1.weight.grad.abs().sum() > 0
+    assert model.backbone.encoder.stages[3].layers[0].dcn.output_proj.weight.grad.abs().sum() > 0
+
+    model.eval().save_pretrained(tmp_path / "upernet")
+    reloaded = UperNetForSemanticSegmentation.from_pretrained(tmp_path / "upernet").eval()
+    assert type(reloaded.backbone) is InternImageBackbone
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixel_values).logits, model(pixel_values).logits, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Outputs, losses, gradients
+# ---------------------------------------------------------------------------------------------------------------
 
 
 def test_common_tests_skip_with_the_reason_without_parameterized(monkeypatch):
