@@ -9,7 +9,6 @@ top-1 classes of the official fixture models (tests/fixtures/models) in the same
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -18,13 +17,12 @@ import torch
 from transformers import CLIPImageProcessor
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
+
+from official_format import FIXTURE_MODELS, fixture_classifier  # noqa: E402
 
 import train_classification  # noqa: E402
-from convert_checkpoints import config_from_official_kwargs, rename_official_key  # noqa: E402
 from modeling_internimage import InternImageForImageClassification  # noqa: E402
-
-FIXTURES = ROOT / "tests" / "fixtures" / "models"
 
 
 def modes(folder_or_model: str | torch.nn.Module) -> dict[str, Callable[[torch.Tensor], torch.Tensor]]:
@@ -70,13 +68,8 @@ def digits_accuracy(folder: str, batch_size: int = 256) -> dict[str, float]:
 @torch.no_grad()
 def fixture_top1(name: str) -> dict[str, list[int]]:
     """Top-1 classes of an official fixture model on its fixture input, in each mode and officially."""
-    kwargs = json.loads((FIXTURES / name / "official_args.json").read_text())["kwargs"]
-    model = InternImageForImageClassification(config_from_official_kwargs(kwargs))
-    state_dict = torch.load(FIXTURES / name / "checkpoint.pth", weights_only=True)["model"]
-    model.load_state_dict({rename_official_key(key): value for key, value in state_dict.items()})
-    pixel_values = torch.load(FIXTURES / name / "input.pt", weights_only=True)
-    expected = torch.load(FIXTURES / name / "expected.pt", weights_only=True)["logits"]
-    top1 = {"official": expected.argmax(-1).tolist()}
+    model, pixel_values, expected = fixture_classifier(name)
+    top1 = {"official": expected["logits"].argmax(-1).tolist()}
     top1.update({mode: logits_of(pixel_values).argmax(-1).tolist() for mode, logits_of in modes(model).items()})
     return top1
 
@@ -92,7 +85,7 @@ def main(argv: list[str] | None = None) -> None:
     for mode, value in accuracy.items():
         print(f"  {mode:18s} {value:6.2f} %  ({value - accuracy['float32']:+.2f} points)")
     print("\nfixture models, top-1 class per image:")
-    for name in sorted(path.name for path in FIXTURES.iterdir()):
+    for name in sorted(path.name for path in FIXTURE_MODELS.iterdir()):
         top1 = fixture_top1(name)
         unchanged = all(classes == top1["official"] for classes in top1.values())
         print(f"  {name}: {top1} -> {'unchanged' if unchanged else 'CHANGED'}")

@@ -1,5 +1,6 @@
-"""Shared test helpers: the repository on `sys.path`, the fixtures folder and offline subprocesses; tests marked
-`@pytest.mark.gpu` (`pytest -m gpu` selects exactly them) skip without a CUDA device."""
+"""Shared test helpers: the repository on `sys.path`, the fixtures folder, offline subprocesses and models whose
+DCNv3 sampling is really deformable; tests marked `@pytest.mark.gpu` (`pytest -m gpu` selects exactly them) skip
+without a CUDA device."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ for path in (ROOT, ROOT / "tests"):
 
 def offline_env(hf_home: Path) -> dict[str, str]:
     """The current environment with the Hub offline and a private `HF_HOME` (its remote-code module cache)."""
-    return {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+            "HF_DATASETS_OFFLINE": "1"}
 
 
 def run_python(args: list[str], hf_home: Path, cwd: Path = ROOT, timeout: float = 600) -> subprocess.CompletedProcess:
@@ -29,6 +31,21 @@ def run_python(args: list[str], hf_home: Path, cwd: Path = ROOT, timeout: float 
         [sys.executable, *map(str, args)], cwd=cwd, env=offline_env(hf_home), capture_output=True, text=True,
         timeout=timeout,
     )
+
+
+def perturb_sampling(model: torch.nn.Module) -> torch.nn.Module:
+    """`model` with every DCNv3 module's offset and mask projections moved away from the official initialisation
+    (zero offsets and uniform masks, where every point samples the integer grid): offsets of a pixel or two
+    (fractional, corners outside small maps) and masks that differ between points."""
+    from modeling_internimage import InternImageDCNv3
+
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, InternImageDCNv3):
+                module.offset.weight.normal_(0, 0.5)
+                module.offset.bias.normal_(0, 1.0)
+                module.mask.weight.normal_(0, 0.5)
+    return model
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from conftest import perturb_sampling  # noqa: E402
 from dcnv3_non_finite import check_against_the_official_formulation, non_finite_cases  # noqa: E402
 
 import dcnv3_triton  # noqa: E402
@@ -286,19 +287,12 @@ def perturbed_classifier(backend: str) -> torch.nn.Module:
     initialisation, where offsets are zero and masks uniform so that every point samples the integer grid: offsets of
     a pixel or two (fractional, many corners outside the small maps) and masks that differ between points. Few
     groups and blocks: the interpreter runs one program per image row and group."""
-    from modeling_internimage import InternImageDCNv3, InternImageForImageClassification
+    from modeling_internimage import InternImageForImageClassification
 
     config = InternImageConfig(channels=8, depths=[1, 1, 1, 1], groups=[1, 2, 2, 4], num_labels=10,
                                dcn_backend=backend)
     torch.manual_seed(0)
-    model = InternImageForImageClassification(config)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, InternImageDCNv3):
-                module.offset.weight.normal_(0, 0.5)
-                module.offset.bias.normal_(0, 1.0)
-                module.mask.weight.normal_(0, 0.5)
-    return model.eval()
+    return perturb_sampling(InternImageForImageClassification(config)).eval()
 
 
 def logits_and_gradients(

@@ -11,14 +11,14 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import FIXTURES, run_python
+from conftest import FIXTURES, perturb_sampling, run_python
+from official_format import fixture_classifier
 from test_convert import official_kwargs_file
-from test_ecosystem import fixture_classifier
 
 import dcnv3_ops
 import dcnv3_triton
 from configuration_internimage import InternImageConfig
-from modeling_internimage import InternImageDCNv3, InternImageForImageClassification
+from modeling_internimage import InternImageForImageClassification
 
 pytestmark = pytest.mark.gpu
 BACKENDS = ("pytorch", "triton", "cuda")
@@ -55,14 +55,7 @@ def deformable_classifier(backend: str, **overrides) -> InternImageForImageClass
     fields = {"channels": 16, "depths": [1, 1, 2, 1], "groups": [2, 4, 8, 16], "num_labels": 10,
               "drop_path_rate": 0.0, "dcn_backend": backend, **overrides}
     torch.manual_seed(0)
-    model = InternImageForImageClassification(InternImageConfig(**fields))
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, InternImageDCNv3):
-                module.offset.weight.normal_(0, 0.5)
-                module.offset.bias.normal_(0, 1.0)
-                module.mask.weight.normal_(0, 0.5)
-    return model.cuda()
+    return perturb_sampling(InternImageForImageClassification(InternImageConfig(**fields))).cuda()
 
 
 def logits_and_gradients(model, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

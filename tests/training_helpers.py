@@ -4,12 +4,12 @@ folders on disk."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import offline_env as hub_offline_env
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -18,13 +18,11 @@ TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node",
 
 
 def offline_env(tmp_path: Path) -> dict[str, str]:
-    env = dict(os.environ)
-    env.update(
-        HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(tmp_path / "hf_home"),
-        OMP_NUM_THREADS="2", PYTHONUNBUFFERED="1",
-        CUDA_VISIBLE_DEVICES="",  # the CPU recipe everywhere: bit-exact resumes, GPU atomics are not reproducible
-    )
-    return env
+    """conftest's offline environment (`HF_HOME` under `tmp_path`) for the training script, on the CPU."""
+    return {
+        **hub_offline_env(tmp_path / "hf_home"), "OMP_NUM_THREADS": "2", "PYTHONUNBUFFERED": "1",
+        "CUDA_VISIBLE_DEVICES": "",  # the CPU recipe everywhere: bit-exact resumes, GPU atomics are not reproducible
+    }
 
 
 def run_command(tmp_path: Path, command: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
