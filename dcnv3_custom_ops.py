@@ -50,6 +50,11 @@ class DCNv3Spec(NamedTuple):
         )
 
 
+# The smallest valid value of each integer hyper-parameter.
+_LOWEST = {"kernel_h": 1, "kernel_w": 1, "stride_h": 1, "stride_w": 1, "pad_h": 0, "pad_w": 0, "dilation_h": 1,
+           "dilation_w": 1, "group": 1, "group_channels": 1, "remove_center": 0}
+
+
 def checked_spec(
     input: torch.Tensor, offset: torch.Tensor, mask: torch.Tensor, *hyper_parameters: int | float | bool
 ) -> DCNv3Spec:
@@ -57,9 +62,7 @@ def checked_spec(
     the hyper-parameters are in range and the tensors fit them; raises a `ValueError` saying what does not fit."""
     *integers, offset_scale, remove_center = hyper_parameters
     spec = DCNv3Spec(*(int(value) for value in integers), float(offset_scale), int(remove_center))
-    lowest = {"kernel_h": 1, "kernel_w": 1, "stride_h": 1, "stride_w": 1, "pad_h": 0, "pad_w": 0, "dilation_h": 1,
-              "dilation_w": 1, "group": 1, "group_channels": 1, "remove_center": 0}
-    for name, low in lowest.items():
+    for name, low in _LOWEST.items():
         if getattr(spec, name) < low:
             raise ValueError(f"DCNv3 `{name}` must be at least {low}, got {getattr(spec, name)}")
     if spec.remove_center > 1:
