@@ -761,8 +761,8 @@ def write_json(path: Path, content: dict[str, Any]) -> None:
     path.write_text(json.dumps(content, indent=2, sort_keys=True) + "\n")
 
 
-# The examples of README's "Usage" and "Dense prediction backbone" sections and of every converted folder's model
-# card, written once here: tests/test_docs.py checks that README shows them as written.
+# The examples of README's "Classify" section, of docs/usage.md's "Dense prediction backbone" and of every converted
+# folder's model card, written once here: tests/test_docs.py checks that README and docs/usage.md show them as written.
 USAGE_EXAMPLE = """\
 import torch
 from PIL import Image

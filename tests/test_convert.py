@@ -597,7 +597,7 @@ def test_model_and_model_ema_default_is_model(tmp_path, capsys):
         assert torch.equal(model.internimage.embeddings.conv1.weight, source["patch_embed.conv1.weight"])
     assert "its 'model_ema' weights were not used (--ema converts those)" in (default / "README.md").read_text()
     assert "EMA weights ('model_ema')" in (taken / "README.md").read_text()
-    assert "converts its `model` weights" in (ROOT / "README.md").read_text()
+    assert "converts its `model` weights" in (ROOT / "docs" / "converting.md").read_text()
 
     torch.save({"model": official}, tmp_path / "no_ema.pth")
     options = ["--official-config", str(official_kwargs_file("tiny_t", tmp_path)), "--ema"]

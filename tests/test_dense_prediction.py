@@ -89,7 +89,8 @@ json.dump(results, open(out, "w"))
 
 
 def readme_snippet() -> str:
-    section = (ROOT / "README.md").read_text().split("## Dense prediction backbone\n", 1)[1].split("\n## ", 1)[0]
+    text = (ROOT / "docs" / "usage.md").read_text()
+    section = text.split("## Dense prediction backbone\n", 1)[1].split("\n## ", 1)[0]
     blocks = re.findall(r"```python\n(.*?)```", section, flags=re.S)
     return blocks[0]
 

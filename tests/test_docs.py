@@ -1,7 +1,7 @@
 """The documentation keeps one source per concern: README's usage examples are those of the model card the converter
 writes (`convert_checkpoints.USAGE_EXAMPLE` and friends), every measured figure is in benchmarks/RESULTS.md and
 README / docs/ quote it verbatim (as `>` blocks) instead of retyping it, and every relative link resolves.
-README's snippets run in tests/test_ecosystem.py and tests/test_dense_prediction.py."""
+The snippets of README and docs/usage.md run in tests/test_ecosystem.py and tests/test_dense_prediction.py."""
 
 from __future__ import annotations
 
@@ -21,6 +21,7 @@ from convert_checkpoints import (
 )
 
 README = ROOT / "README.md"
+USAGE = ROOT / "docs" / "usage.md"  # README's Classify section in detail
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 DOCS = sorted((ROOT / "docs").glob("*.md"))
 DOCUMENTS = [README, RESULTS, *DOCS]
@@ -63,8 +64,9 @@ def heading_anchors(text: str) -> set[str]:
 @pytest.mark.parametrize("pooler_type", ["conv", None], ids=["classifier", "backbone_only"])
 def test_readme_and_the_model_card_show_the_same_examples(tmp_path, pooler_type):
     readme = README.read_text()
-    assert python_blocks(markdown_section(readme, "Usage")) == [USAGE_EXAMPLE + CLASSIFIER_EXAMPLE]
-    assert python_blocks(markdown_section(readme, "Dense prediction backbone"))[0] == DENSE_PREDICTION_EXAMPLE
+    assert python_blocks(markdown_section(readme, "Classify")) == [USAGE_EXAMPLE + CLASSIFIER_EXAMPLE]
+    usage = USAGE.read_text()
+    assert python_blocks(markdown_section(usage, "Dense prediction backbone"))[0] == DENSE_PREDICTION_EXAMPLE
     write_model_card(tmp_path / "README.md", finalize_config(InternImageConfig(pooler_type=pooler_type)), None, [])
     card = (tmp_path / "README.md").read_text()
     usage = USAGE_EXAMPLE + (CLASSIFIER_EXAMPLE if pooler_type else "")
@@ -72,9 +74,10 @@ def test_readme_and_the_model_card_show_the_same_examples(tmp_path, pooler_type)
 
 
 def test_an_automodel_instance_is_called_encoder(tmp_path):
-    """`InternImageBackbone` is another class: README and the model card call an `AutoModel` instance `encoder`."""
+    """`InternImageBackbone` is another class: README, docs/usage.md and the model card call an `AutoModel` instance
+    `encoder`."""
     write_model_card(tmp_path / "README.md", finalize_config(InternImageConfig()), None, [])
-    for text in (README.read_text(), (tmp_path / "README.md").read_text()):
+    for text in (README.read_text(), USAGE.read_text(), (tmp_path / "README.md").read_text()):
         assert set(re.findall(r"^(\w+) = AutoModel\.from_pretrained", text, flags=re.M)) == {"encoder"}
 
 

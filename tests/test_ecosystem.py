@@ -106,7 +106,7 @@ README_RUNNER = r"""
 import json, re, sys, torch
 readme, folder, image, out, root = sys.argv[1:6]
 sys.path.insert(0, root)
-text = open(readme).read()
+text = "\n".join(open(path).read() for path in readme.split(","))  # README, then docs/usage.md
 from transformers import AutoBackbone, AutoConfig
 # transformers 5.23's AutoBackbone.from_pretrained treats a local folder as a Hub repo id; from_config resolves auto_map
 remote_config = AutoConfig.from_pretrained(folder, trust_remote_code=True)
@@ -114,7 +114,7 @@ remote_backbone = AutoBackbone.from_config(remote_config, trust_remote_code=True
 results = {"remote_backbone": [type(remote_backbone).__module__, type(remote_backbone).__name__,
                                [list(f.shape) for f in remote_backbone(torch.zeros(1, 3, 64, 64)).feature_maps]]}
 # The backbone section runs last: after its `register_internimage()`, the Auto classes use the local classes.
-for heading in ("Usage", "Pipelines", "Large variants and low-memory loading", "Half precision", "torch.compile",
+for heading in ("Classify", "Pipelines", "Large variants and low-memory loading", "Half precision", "torch.compile",
                 "Dense prediction backbone"):
     section = text.split("## " + heading + "\n", 1)[1].split("\n## ", 1)[0]
     for block in re.findall(r"```python\n(.*?)```", section, flags=re.S):
@@ -127,7 +127,7 @@ for heading in ("Usage", "Pipelines", "Large variants and low-memory loading", "
         exec(compile(code, heading, "exec"), namespace)
         results.update({k: v for k, v in namespace.items() if k in (
             "predictions", "last_stage_map", "pooled_features")})
-        if heading == "Usage":
+        if heading == "Classify":
             results["usage_logits"] = namespace["logits"].tolist()
         for key in ("hidden_states", "feature_maps", "segmentation_logits", "half_logits", "compiled_logits"):
             if key in namespace:
@@ -149,7 +149,8 @@ def test_readme_snippets_and_pipelines(tmp_path):
     env = {**os.environ, "HF_HOME": str(tmp_path / "hf_home"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
     env.pop("PYTHONPATH", None)
     env["CUDA_VISIBLE_DEVICES"] = ""  # pipelines would pick a GPU; the CPU references below are compared closely
-    command = [sys.executable, "runner.py", str(ROOT / "README.md"), str(folder), str(image), "results.json", str(ROOT)]
+    documents = f"{ROOT / 'README.md'},{ROOT / 'docs' / 'usage.md'}"
+    command = [sys.executable, "runner.py", documents, str(folder), str(image), "results.json", str(ROOT)]
     completed = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert completed.returncode == 0, completed.stderr[-4000:]
     results = json.loads((tmp_path / "results.json").read_text())

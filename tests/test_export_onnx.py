@@ -52,7 +52,7 @@ def test_readme_onnx_command_runs(tmp_path, monkeypatch):
     pytest.importorskip("onnxruntime")
     from export_onnx import main
 
-    section = (ROOT / "README.md").read_text().split("## ONNX export\n", 1)[1].split("\n## ", 1)[0]
+    section = (ROOT / "docs" / "usage.md").read_text().split("## ONNX export\n", 1)[1].split("\n## ", 1)[0]
     command = re.search(r"```bash\n(.*?)\n```", section, flags=re.S).group(1)
     model, _, _ = fixture_classifier("tiny_t")
     model.save_pretrained(tmp_path / "model")

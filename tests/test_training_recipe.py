@@ -1,9 +1,9 @@
 """`training_recipe.py`: the recipe's values and its parts one by one, in process.
 
-README's recipe table is the rendering of every recipe's values; the layer-decay rule on T and H, weight-decay
-exemptions, the schedule against timm's CosineLRScheduler, the mixup soft-target loss, frozen BatchNorm statistics,
-the linear LR scaling and a warmup given as a share of all steps. The tests that go through the training script's
-arguments skip without its `datasets` and `evaluate`. End to end: tests/test_train_classification.py.
+The recipe table of docs/training.md is the rendering of every recipe's values; the layer-decay rule on T and H,
+weight-decay exemptions, the schedule against timm's CosineLRScheduler, the mixup soft-target loss, frozen BatchNorm
+statistics, the linear LR scaling and a warmup given as a share of all steps. The tests that go through the training
+script's arguments skip without its `datasets` and `evaluate`. End to end: tests/test_train_classification.py.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def parse_arguments():
     return pytest.importorskip("train_classification").parse_arguments
 
 
-# --------------------------------------------------------------------------------------- README's recipe table
+# --------------------------------------------------------------------------------- the recipe table of docs/training.md
 
 # The columns of the table, and its rows: the arguments each row shows, " / "-separated.
 TABLE_COLUMNS = {
@@ -67,7 +67,8 @@ def table_cell(value) -> str:
 
 
 def render_recipe_table() -> str:
-    """README's recipe table: each value as `--recipe NAME` alone gets it (the recipe over the argument defaults)."""
+    """The recipe table of docs/training.md: each value as `--recipe NAME` alone gets it (the recipe over the argument
+    defaults)."""
     values = {name: parsed_values(["--recipe", name]) for name in TABLE_COLUMNS}
     lines = ["| | " + " | ".join(TABLE_COLUMNS.values()) + " |", "|---" * (len(TABLE_COLUMNS) + 1) + "|"]
     for keys in TABLE_ROWS:
@@ -77,17 +78,17 @@ def render_recipe_table() -> str:
 
 
 def test_readme_recipe_table_is_the_rendering_of_the_recipes():
-    """README shows every value of every recipe, as rendered here: change a value and README must follow (the
-    failure prints the table to paste). `report_to`, the one value not in the table, depends on the environment."""
+    """docs/training.md shows every value of every recipe, as rendered here: change a value and the page must follow
+    (the failure prints the table to paste). `report_to`, the one value not in the table, depends on the environment."""
     assert set(TABLE_COLUMNS) == set(RECIPES)
     shown = {key for keys in TABLE_ROWS for key in keys}
     assert set().union(*RECIPES.values()) - shown == {"report_to"}, "show every recipe value: extend TABLE_ROWS"
     tensorboard = "tensorboard" if importlib.util.find_spec("tensorboard") else "none"
     assert {recipe["report_to"] for recipe in RECIPES.values()} == {tensorboard}
     table = render_recipe_table()
-    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    readme = (ROOT / "docs" / "training.md").read_text(encoding="utf-8")
     assert "`report_to` is `tensorboard` when TensorBoard is installed, else `none`" in " ".join(readme.split())
-    assert table in readme, "README's recipe table should read:\n" + table
+    assert table in readme, "the recipe table of docs/training.md should read:\n" + table
 
 
 # ------------------------------------------------------------------------------------------- learning rates
